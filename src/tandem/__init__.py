@@ -1,0 +1,14 @@
+"""tandem: optimize the prompts and the weights of LM programs in tandem (BetterTogether)."""
+
+from .evaluate import EvalResult, evaluate
+from .lm import LM, CachedLM, Completion, Request, ScriptedLM, load_lm
+from .program import ChainOfThought, Example, Predict, Prediction, Program, Run, TraceEntry
+from .prompts import ParseError, parse_reply, render_messages
+from .signatures import Field, Signature
+
+__version__ = "0.1.0"
+__all__ = [
+    "Signature", "Field", "Predict", "ChainOfThought", "Program", "Run", "Example", "Prediction", "TraceEntry",
+    "render_messages", "parse_reply", "ParseError", "LM", "Request", "Completion", "CachedLM", "ScriptedLM",
+    "load_lm", "evaluate", "EvalResult",
+]

@@ -1,0 +1,137 @@
+"""The one evaluation loop: run a program over examples concurrently, score each, count failures.
+
+Concurrency is what makes a local model fast: N executions run in threads, and their LM calls
+meet in the backend's dynamic batcher. A failed example (a reply that does not parse, say)
+scores 0 and is counted; past `max_errors` the evaluation stops with the first error shown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from .lm.base import LM
+from .program import Example, Prediction, Program, TraceEntry
+
+log = logging.getLogger(__name__)
+
+Metric = Callable[[Example, Prediction], float]
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class ExampleResult:
+    example: Example
+    prediction: Prediction | None
+    score: float
+    trace: list[TraceEntry]
+    error: str | None = None
+
+
+@dataclass
+class EvalResult:
+    results: list[ExampleResult]
+    seconds: float
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        """Mean metric in percent; failed examples count as 0."""
+        return 100.0 * sum(r.score for r in self.results) / len(self.results) if self.results else 0.0
+
+    @property
+    def n_errors(self) -> int:
+        return sum(r.error is not None for r in self.results)
+
+    def error_kinds(self) -> Counter[str]:
+        return Counter(r.error.split(":", 1)[0] for r in self.results if r.error)
+
+    def summary(self) -> str:
+        n = len(self.results)
+        line = f"score {self.score:.1f}% on {n} examples, {self.n_errors} failed"
+        if self.n_errors:
+            line += " (" + ", ".join(f"{k}: {v}" for k, v in self.error_kinds().most_common()) + ")"
+        rate = n / self.seconds if self.seconds else 0.0
+        line += f", {self.seconds:.1f}s ({rate:.2f} examples/s)"
+        return line
+
+
+def evaluate(
+    program: Program,
+    lm: LM,
+    examples: Sequence[Example],
+    metric: Metric,
+    *,
+    threads: int = 32,
+    max_errors: int | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+    **run_settings: Any,
+) -> EvalResult:
+    started = time.perf_counter()
+    usage_before = _usage(lm)
+    results: list[ExampleResult | None] = [None] * len(examples)
+    errors = finished = 0
+    correct = 0.0
+
+    def one(example: Example) -> ExampleResult:
+        run = program.execute(lm, example.inputs(), **run_settings)
+        if run.error is not None:
+            return ExampleResult(example, None, 0.0, run.trace, run.error)
+        try:
+            score = float(metric(example, run.prediction))
+        except Exception as exc:  # a metric that chokes on odd output fails this example only
+            return ExampleResult(example, run.prediction, 0.0, run.trace, f"MetricError: {type(exc).__name__}: {exc}")
+        return ExampleResult(example, run.prediction, score, run.trace)
+
+    bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        futures = {pool.submit(one, ex): i for i, ex in enumerate(examples)}
+        try:
+            for fut in as_completed(futures):
+                result = fut.result()
+                results[futures[fut]] = result
+                correct += result.score
+                finished += 1
+                if result.error:
+                    errors += 1
+                    log.debug("example %d failed: %s", futures[fut], result.error)
+                    if max_errors is not None and errors > max_errors:
+                        raise ErrorBudgetExceeded(
+                            f"{errors} examples failed, more than max_errors={max_errors}; latest: {result.error}"
+                        )
+                bar.update(1)
+                bar.set_postfix(score=f"{100 * correct / finished:.1f}%", failed=errors, refresh=False)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            bar.close()
+    done = [r for r in results if r is not None]
+    return EvalResult(done, time.perf_counter() - started, _usage_delta(usage_before, _usage(lm)))
+
+
+def _usage(lm: LM) -> dict[str, float]:
+    usage = getattr(lm, "usage", None)
+    if usage is None:
+        return {}
+    out = {k: v for k, v in vars(usage).items() if isinstance(v, (int, float))}
+    out.update(usage.extra)
+    inner = getattr(lm, "lm", None)  # a cache in front of an engine: the engine counts real work
+    if inner is not None and getattr(inner, "usage", None) is not None:
+        out.update({f"engine_{k}": v for k, v in _usage(inner).items()})
+    return out
+
+
+def _usage_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0) for k in after}

@@ -1,0 +1,73 @@
+"""The LM protocol: a batch of chat requests in, one completion per request out.
+
+Every backend (the local transformers engine, a cache in front of it, the scripted LM of the
+tests, an OpenAI-compatible server later) implements `generate`. Program code never holds a
+global LM: it is passed in explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: tuple[Message, ...]
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    adapter: str | None = None  # path of a PEFT adapter folder; None means base weights
+    seed: int = 0  # tells apart repeated samples of the same prompt at temperature > 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    def key(self, model: str, adapter_digest: str | None = None) -> str:
+        """Stable cache key: the model, the adapter's content (not its path), messages and sampling."""
+        data = asdict(self)
+        data["adapter"] = adapter_digest
+        data["model"] = model
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+
+
+@runtime_checkable
+class LM(Protocol):
+    name: str
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]: ...
+
+
+@dataclass
+class Usage:
+    """Counters an LM keeps for reporting throughput."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_hits: int = 0
+    batches: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def add(self, completions: Sequence[Completion]) -> None:
+        for c in completions:
+            self.requests += 1
+            self.cache_hits += c.cached
+            if not c.cached:
+                self.prompt_tokens += c.prompt_tokens
+                self.completion_tokens += c.completion_tokens

@@ -1,0 +1,93 @@
+"""An on-disk cache of LM calls (SQLite), shared by threads and by processes.
+
+Keyed by model, adapter *content*, messages and sampling settings, so a retrained adapter at the
+same path never returns stale replies and a rerun of a finished experiment only reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from .base import LM, Completion, Request, Usage
+
+
+def adapter_digest(path: str | None) -> str | None:
+    """Content hash of an adapter folder (its config and weight files)."""
+    if path is None:
+        return None
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder not found: {folder}")
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.suffix in {".json", ".safetensors"}:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+class CachedLM:
+    """Wraps an LM; looks every request up first and sends only the misses, in one batch."""
+
+    def __init__(self, lm: LM, path: str | os.PathLike):
+        self.lm = lm
+        self.name = lm.name
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.usage = Usage()
+        self._lock = threading.Lock()
+        self._digests: dict[tuple[str, float], str | None] = {}
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, text TEXT, prompt_tokens INT, completion_tokens INT)"
+        )
+        self._db.commit()
+
+    def __getattr__(self, name: str):
+        # Backend extras (e.g. the local engine's model for fine-tuning) stay reachable.
+        return getattr(self.lm, name)
+
+    def _digest(self, adapter: str | None) -> str | None:
+        if adapter is None:
+            return None
+        stamp = max((f.stat().st_mtime for f in Path(adapter).iterdir()), default=0.0)
+        with self._lock:
+            if (adapter, stamp) not in self._digests:
+                self._digests[(adapter, stamp)] = adapter_digest(adapter)
+            return self._digests[(adapter, stamp)]
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        keys = [r.key(self.name, self._digest(r.adapter)) for r in requests]
+        results: list[Completion | None] = [None] * len(requests)
+        with self._lock:
+            for i, key in enumerate(keys):
+                row = self._db.execute(
+                    "SELECT text, prompt_tokens, completion_tokens FROM calls WHERE key = ?", (key,)
+                ).fetchone()
+                if row:
+                    results[i] = Completion(row[0], row[1], row[2], cached=True)
+        misses = [i for i, c in enumerate(results) if c is None]
+        if misses:
+            fresh = self.lm.generate([requests[i] for i in misses])
+            with self._lock:
+                for i, c in zip(misses, fresh):
+                    results[i] = c
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?)",
+                        (keys[i], c.text, c.prompt_tokens, c.completion_tokens),
+                    )
+                self._db.commit()
+        done = [c for c in results if c is not None]
+        with self._lock:
+            self.usage.add(done)
+        return done
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,43 @@
+"""A scripted LM for unit tests: replies come from a function of the request, no model needed."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Sequence
+
+from .base import Completion, Request, Usage
+
+
+class ScriptedLM:
+    """Answers each request with `respond(request)`; records every request it saw."""
+
+    def __init__(self, respond: Callable[[Request], str], name: str = "scripted", trainable: bool = False):
+        self.name = name
+        self.respond = respond
+        self.requests: list[Request] = []
+        self.finetuned: list[list] = []  # conversations of each finetune call
+        if not trainable:
+            self.finetune = None  # type: ignore[assignment]  # weight steps then refuse this LM
+        self.usage = Usage()
+        self._lock = threading.Lock()
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        out = [Completion(self.respond(r), prompt_tokens=1, completion_tokens=1) for r in requests]
+        with self._lock:
+            self.requests.extend(requests)
+            self.usage.add(out)
+        return out
+
+    def finetune(self, conversations, out_dir, settings, progress: bool = True):
+        """Records the data and writes a marker adapter folder; replies do not change."""
+        import json
+        from pathlib import Path
+
+        from .training import TrainReport
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text(json.dumps({"scripted": True, "seed": settings.seed}))
+        with self._lock:
+            self.finetuned.append(list(conversations))
+        return TrainReport(len(conversations), 0, 0, 0, 0.0, 0.0, 0.0, [])

@@ -1,0 +1,116 @@
+"""The one place where a module's prompt is rendered and its reply parsed.
+
+`render_messages` turns signature + demos + inputs into chat messages; `parse_reply` turns
+the model's text back into output fields. Both are pure functions, so what the model sees is
+exactly what `tandem show-prompt` prints.
+
+The format is plain "Label: value" lines. Each demo is a user turn (its inputs) followed by an
+assistant turn (its outputs), so a chat model sees demos as earlier turns of the conversation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+from .signatures import Field, Signature
+
+Message = dict[str, str]
+
+
+class ParseError(ValueError):
+    """The reply did not contain the fields the signature asks for."""
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "\n".join(f"[{i}] {item}" for i, item in enumerate(value, 1)) or "(none)"
+    return str(value).strip()
+
+
+def _render_fields(fields: Sequence[Field], values: Mapping[str, object]) -> str:
+    parts = []
+    for f in fields:
+        if f.name in values and values[f.name] is not None:
+            value = _format_value(values[f.name])
+            sep = "\n" if "\n" in value else " "
+            parts.append(f"{f.label}:{sep}{value}")
+    return "\n".join(parts)
+
+
+FORMAT_HEADER = "Answer with exactly these lines, in this order:"
+
+
+def system_message(signature: Signature) -> str:
+    def describe(fields: Sequence[Field]) -> str:
+        return "\n".join(f"- {f.label}" + (f": {f.description}" if f.description else "") for f in fields)
+
+    lines = []
+    if signature.instructions:
+        lines += [signature.instructions.strip(), ""]
+    lines += ["You are given:", describe(signature.inputs), "", "You must write:", describe(signature.outputs), ""]
+    lines.append(FORMAT_HEADER)
+    lines += [f"{f.label}: ..." for f in signature.outputs]
+    return "\n".join(lines)
+
+
+def render_messages(
+    signature: Signature, demos: Sequence[Mapping[str, object]], inputs: Mapping[str, object]
+) -> list[Message]:
+    """Chat messages for one call: system (instructions and format), demos as turns, then the inputs."""
+    missing = [name for name in signature.input_names if name not in inputs]
+    if missing:
+        raise ValueError(f"missing inputs for signature '{signature}': {missing}")
+    messages: list[Message] = [{"role": "system", "content": system_message(signature)}]
+    for demo in demos:
+        messages.append({"role": "user", "content": _render_fields(signature.inputs, demo)})
+        messages.append({"role": "assistant", "content": render_reply(signature, demo)})
+    messages.append({"role": "user", "content": _render_fields(signature.inputs, inputs)})
+    return messages
+
+
+def render_reply(signature: Signature, outputs: Mapping[str, object]) -> str:
+    """The assistant message for given outputs, as a demo shows it and as fine-tuning teaches it."""
+    return _render_fields(signature.outputs, outputs)
+
+
+def stop_strings(signature: Signature) -> tuple[str, ...]:
+    """A reply that starts a new input field has begun inventing the next example: stop there."""
+    return tuple(f"\n{f.label}:" for f in signature.inputs)
+
+
+def _label_pattern(fields: Sequence[Field]) -> re.Pattern[str]:
+    labels = "|".join(re.escape(f.label) for f in fields)
+    # Tolerates markdown emphasis and any case: "**Answer:** 42", "answer: 42".
+    return re.compile(rf"^[ \t>#*_]*({labels})[*_]*[ \t]*:[*_]*[ \t]*", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_reply(signature: Signature, reply: str, optional: Sequence[str] = ("reasoning",)) -> dict[str, str]:
+    """Read output fields from "Label: value" lines; raise ParseError if a required one is absent.
+
+    Each field's value runs until the next known label. The first occurrence of a field after
+    the previous one wins, so a model that repeats "Answer:" later does not overwrite it.
+    """
+    by_label = {f.label.lower(): f.name for f in signature.fields}
+    matches = list(_label_pattern(signature.fields).finditer(reply))
+    values: dict[str, str] = {}
+    for i, m in enumerate(matches):
+        name = by_label[m.group(1).lower()]
+        if name not in signature.output_names or name in values:
+            continue
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(reply)
+        values[name] = reply[m.end() : end].strip()
+    missing = [n for n in signature.output_names if n not in values and n not in optional]
+    if missing:
+        raise ParseError(f"reply has no {', '.join(missing)} field: {reply[:200]!r}")
+    empty = [n for n in signature.output_names if n in values and not values[n] and n not in optional]
+    if empty:
+        raise ParseError(f"reply has an empty {', '.join(empty)} field: {reply[:200]!r}")
+    return {n: values.get(n, "") for n in signature.output_names}
+
+
+def placeholder_reply(messages: Sequence[Message]) -> str:
+    """A reply with every output field filled by a placeholder, for showing prompts without a model."""
+    fmt = messages[0]["content"].split(FORMAT_HEADER, 1)[-1]
+    labels = [line[: -len(": ...")] for line in fmt.splitlines() if line.endswith(": ...")]
+    return "\n".join(f"{label}: <{label.lower()} written by the model>" for label in labels)

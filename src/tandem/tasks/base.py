@@ -1,0 +1,62 @@
+"""What a task is (splits, a program factory, a metric) and where its data lives."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..evaluate import Metric
+from ..program import Example, Program
+
+SPLIT_SEED = 0  # splits are fixed across experiments; seeds vary the optimizers, not the data
+DATA_ENV = "TANDEM_DATA_DIR"
+
+
+class DataNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    make_program: Callable[[], Program]
+    metric: Metric
+
+    def split(self, name: str) -> list[Example]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {name!r}")
+        return getattr(self, name)
+
+
+def _default_data_dirs() -> list[Path]:
+    repo = Path(__file__).resolve().parents[3]  # src/tandem/tasks/base.py -> the checkout
+    return [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+
+
+def find_data_file(relative: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The file `relative` under --data-dir, $TANDEM_DATA_DIR, or ../shared/data, in that order."""
+    if data_dir is not None or os.environ.get(DATA_ENV):
+        candidates = [Path(data_dir or os.environ[DATA_ENV]).expanduser()]
+    else:
+        candidates = list(dict.fromkeys(_default_data_dirs()))
+    for folder in candidates:
+        if (folder / relative).is_file():
+            return folder / relative
+    looked = ", ".join(str(c / relative) for c in candidates)
+    raise DataNotFoundError(f"data file not found: looked for {looked}; pass --data-dir DIR or set {DATA_ENV}")
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None

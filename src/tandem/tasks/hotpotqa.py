@@ -1,0 +1,71 @@
+"""HotPotQA: two-hop retrieval QA; each hop writes a search query, BM25 fetches 3 passages a hop.
+
+The data is a pooled-distractor setting (see ../shared/data/README.md): 741 dev questions and the
+7,215 paragraphs of their distractor sets. Splits, with a fixed seed: 200 train, 200 val, 341 test.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections import Counter
+
+from ..program import ChainOfThought, Example, Prediction, Program, Run
+from ..retrieve import BM25Retriever
+from .base import SPLIT_SEED, Task, find_data_file, read_jsonl
+
+TRAIN_SIZE, VAL_SIZE = 200, 200
+QUERY_INSTRUCTIONS = "Write a short search query that finds the missing information needed to answer the question."
+ANSWER_INSTRUCTIONS = "Answer the question from the context with a short factoid answer: a few words, often a name, a date or yes/no."
+
+
+class MultiHopQA(Program):
+    def __init__(self, retriever: BM25Retriever, hops: int = 2, passages_per_hop: int = 3):
+        self.retriever = retriever
+        self.passages_per_hop = passages_per_hop
+        self.generate_query = [
+            ChainOfThought("context, question -> search_query", QUERY_INSTRUCTIONS, max_new_tokens=256) for _ in range(hops)
+        ]
+        self.generate_answer = ChainOfThought("context, question -> answer", ANSWER_INSTRUCTIONS)
+
+    def forward(self, run: Run, question: str) -> Prediction:
+        context: list[str] = []
+        for hop in self.generate_query:
+            query = hop(run, context=context, question=question).search_query
+            context = list(dict.fromkeys(context + self.retriever(query, self.passages_per_hop)))
+        return self.generate_answer(run, context=context, question=question)
+
+
+def normalize_answer(text: str) -> str:
+    """The usual SQuAD/HotPotQA normalization: lower case, no punctuation, articles or extra spaces."""
+    text = str(text).lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def metric(example: Example, prediction: Prediction) -> float:
+    return float(normalize_answer(prediction.answer) == normalize_answer(example.answer))
+
+
+def f1(example: Example, prediction: Prediction) -> float:
+    """Token F1, reported beside exact match for a finer view of a weak model."""
+    got, gold = normalize_answer(prediction.answer).split(), normalize_answer(example.answer).split()
+    common = sum((Counter(got) & Counter(gold)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(got), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def load(data_dir: str | None = None) -> Task:
+    corpus = list(read_jsonl(find_data_file("hotpotqa/corpus.jsonl", data_dir)))
+    retriever = BM25Retriever([f"{d['title']} | {d['text']}" for d in corpus])
+    rows = [
+        Example(question=r["question"], answer=r["answer"], gold_titles=r.get("gold_titles", []), inputs=("question",))
+        for r in read_jsonl(find_data_file("hotpotqa/questions.jsonl", data_dir))
+    ]
+    random.Random(SPLIT_SEED).shuffle(rows)
+    train, val, test = rows[:TRAIN_SIZE], rows[TRAIN_SIZE : TRAIN_SIZE + VAL_SIZE], rows[TRAIN_SIZE + VAL_SIZE :]
+    return Task("hotpotqa", train, val, test, lambda: MultiHopQA(retriever), metric)

@@ -1,0 +1,57 @@
+"""The real command line, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def tandem(*args, env_extra=None, cwd=None):
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("task,needle", [("gsm8k", "Question:"), ("iris", "Petal Width:"), ("hotpotqa", "module: generate_answer")])
+def test_show_prompt_prints_every_module_without_a_model(task, needle):
+    out = tandem("show-prompt", "--task", task)
+    assert out.returncode == 0, out.stderr
+    assert "--- system ---" in out.stdout and needle in out.stdout
+
+
+def test_wrong_task_is_one_clear_line():
+    out = tandem("eval", "--task", "mnist", "--model", "smollm2-135m")
+    assert out.returncode != 0
+    assert "unknown task 'mnist'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_data_folder_is_one_clear_line(tmp_path):
+    out = tandem("eval", "--task", "gsm8k", "--model", "smollm2-135m", "--data-dir", str(tmp_path / "nowhere"))
+    assert out.returncode == 2
+    assert "data file not found" in out.stderr and "--data-dir" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_model_is_one_clear_line():
+    out = tandem("eval", "--task", "iris", "--model", "no-such-model", "--limit", "2")
+    assert out.returncode == 2
+    assert "unknown model 'no-such-model'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_number_names_the_flag():
+    out = tandem("eval", "--task", "iris", "--model", "smollm2-135m", "--limit", "0")
+    assert out.returncode == 2 and "--limit must be >= 1" in out.stderr
+
+
+def test_eval_on_a_local_model_folder_prints_score_and_writes_traces(tiny_model_dir, cache_dir, tmp_path):
+    output = tmp_path / "results.jsonl"
+    args = ["eval", "--task", "iris", "--model", tiny_model_dir, "--split", "test", "--limit", "4",
+            "--max-new-tokens", "8", "--output", str(output)]
+    out = tandem(*args, env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
+    assert out.returncode == 0, out.stderr
+    assert "iris test: score" in out.stdout and "on 4 examples" in out.stdout
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) == 4 and all(row["trace"][0]["messages"] for row in rows)
+    again = tandem(*args, env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
+    assert "(4 from cache)" in again.stdout

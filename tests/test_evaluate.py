@@ -1,0 +1,92 @@
+import threading
+
+import pytest
+
+from tandem import ChainOfThought, Example, Program, ScriptedLM, evaluate
+from tandem.evaluate import ErrorBudgetExceeded
+from tandem.lm.batching import DynamicBatcher
+
+
+class Echo(Program):
+    def __init__(self):
+        self.solve = ChainOfThought("question -> answer")
+
+    def forward(self, run, question):
+        return self.solve(run, question=question)
+
+
+def reply(request):
+    q = request.messages[-1]["content"].removeprefix("Question: ")
+    return "gibberish" if q.startswith("bad") else f"Reasoning: easy\nAnswer: {q.upper()}"
+
+
+def exact(example, prediction):
+    return float(prediction.answer == example.answer)
+
+
+def data(n_good: int, n_bad: int):
+    good = [Example(question=f"q{i}", answer=f"Q{i}", inputs=("question",)) for i in range(n_good)]
+    bad = [Example(question=f"bad{i}", answer="x", inputs=("question",)) for i in range(n_bad)]
+    return good + bad
+
+
+def test_scores_in_order_and_counts_failures():
+    examples = data(6, 2)
+    examples[0] = Example(question="q0", answer="WRONG", inputs=("question",))
+    result = evaluate(Echo(), ScriptedLM(reply), examples, exact, threads=4, progress=False)
+    assert [r.example for r in result.results] == examples
+    assert result.score == pytest.approx(100 * 5 / 8)
+    assert result.n_errors == 2
+    assert result.error_kinds() == {"ParseError": 2}
+    assert "2 failed (ParseError: 2)" in result.summary()
+
+
+def test_error_budget_stops_the_evaluation():
+    with pytest.raises(ErrorBudgetExceeded, match="max_errors=1"):
+        evaluate(Echo(), ScriptedLM(reply), data(2, 5), exact, threads=2, max_errors=1, progress=False)
+    result = evaluate(Echo(), ScriptedLM(reply), data(2, 5), exact, threads=2, max_errors=5, progress=False)
+    assert result.n_errors == 5
+
+
+def test_a_metric_that_raises_fails_only_that_example():
+    def fragile(example, prediction):
+        if example.question == "q1":
+            raise KeyError("oops")
+        return 1.0
+
+    result = evaluate(Echo(), ScriptedLM(reply), data(3, 0), fragile, progress=False)
+    assert result.score == pytest.approx(200 / 3)
+    assert result.results[1].error.startswith("MetricError")
+
+
+def test_batcher_gathers_concurrent_calls_into_one_batch():
+    sizes = []
+    gate = threading.Barrier(8)
+
+    def run_batch(items):
+        sizes.append(len(items))
+        return [i * 10 for i in items]
+
+    batcher = DynamicBatcher(run_batch, max_batch=8, max_wait=2.0)
+    out = [None] * 8
+
+    def call(i):
+        gate.wait()
+        out[i] = batcher.submit([i])[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [i * 10 for i in range(8)]
+    assert sizes == [8]  # max_batch reached: no waiting out the full 2 s
+
+
+def test_batcher_hands_errors_to_every_caller():
+    def run_batch(items):
+        raise RuntimeError("engine down")
+
+    batcher = DynamicBatcher(run_batch, max_batch=4, max_wait=0.0)
+    with pytest.raises(RuntimeError, match="engine down"):
+        batcher.submit([1, 2])

@@ -1,0 +1,104 @@
+"""The real transformers/peft path, on a tiny randomly initialised model built in conftest."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tandem.lm import CachedLM, Request
+from tandem.lm.local import LocalLM
+from tandem.lm.models import ModelNotFoundError, resolve_model
+
+PROMPTS = [
+    "Hello there.",
+    "What is the capital of France? Answer in one word, please, and be brief about it.",
+    "Count to five.",
+    "A longer prompt that goes on for a while so that the batch needs some left padding here.",
+]
+
+
+def requests(adapter=None, max_new_tokens=12):
+    return [Request(({"role": "user", "content": p},), max_new_tokens=max_new_tokens, adapter=adapter) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    engine = LocalLM(tiny_model_dir, dtype="float32", max_batch=8, max_wait=0.05)
+    yield engine
+    engine.close()
+
+
+def make_adapter(base_dir: str, out: Path, seed: int) -> str:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data.normal_(0, 0.5)  # large enough to change greedy choices of a random model
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
+def test_batched_greedy_equals_one_at_a_time(lm):
+    batched = [c.text for c in lm.generate(requests())]
+    single = [lm.generate([r])[0].text for r in requests()]
+    assert batched == single
+    assert all(c.completion_tokens <= 12 for c in lm.generate(requests()))
+
+
+def test_per_request_token_limits_and_stops(lm):
+    reqs = requests(max_new_tokens=12)
+    short = Request(reqs[0].messages, max_new_tokens=3)
+    out = lm.generate([short, reqs[0]])
+    assert out[0].completion_tokens <= 3
+    full = out[1].text
+    assert full.startswith(out[0].text)
+    # a stop string taken from the unconstrained reply cuts the reply right before it
+    cut = full[len(full) // 2 :].strip()[:4]
+    if cut:
+        stopped = lm.generate([Request(reqs[0].messages, max_new_tokens=12, stop=(cut,))])[0].text
+        assert cut not in stopped and full.startswith(stopped)
+
+
+def test_two_adapters_on_one_base_switch_without_reload(lm, tiny_model_dir, tmp_path):
+    a = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    b = make_adapter(tiny_model_dir, tmp_path / "b", seed=2)
+    base = [c.text for c in lm.generate(requests())]
+    out_a = [c.text for c in lm.generate(requests(adapter=a))]
+    out_b = [c.text for c in lm.generate(requests(adapter=b))]
+    assert out_a != base and out_b != base and out_a != out_b
+    base_weights = lm.model.get_base_model().model.embed_tokens.weight
+    mixed = lm.generate(requests(adapter=a)[:2] + requests(adapter=None)[2:] + requests(adapter=b)[:1])
+    assert [c.text for c in mixed] == out_a[:2] + base[2:] + out_b[:1]
+    assert lm.model.get_base_model().model.embed_tokens.weight is base_weights  # same loaded base
+    assert len(lm._adapters) == 2  # each adapter loaded once
+
+
+def test_cache_hits_on_repeat_and_keys_on_adapter_content(lm, tiny_model_dir, tmp_path):
+    cached = CachedLM(lm, tmp_path / "calls.sqlite")
+    first = cached.generate(requests())
+    engine_calls = lm.usage.requests
+    again = cached.generate(requests())
+    assert [c.text for c in again] == [c.text for c in first]
+    assert all(c.cached for c in again) and lm.usage.requests == engine_calls
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "w", seed=3)
+    with_adapter = cached.generate(requests(adapter=adapter))
+    assert not any(c.cached for c in with_adapter)
+    make_adapter(tiny_model_dir, tmp_path / "w", seed=4)  # retrained in place: new content, new keys
+    retrained = cached.generate(requests(adapter=adapter))
+    assert not any(c.cached for c in retrained)
+    cached.close()
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="unknown model 'not-a-model'"):
+        resolve_model("not-a-model")
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
+        resolve_model(str(tmp_path / "x.gguf"))

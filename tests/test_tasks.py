@@ -1,0 +1,80 @@
+import pytest
+
+from tandem.program import Prediction
+from tandem.tasks import DataNotFoundError, load_task
+from tandem.tasks.gsm8k import metric as gsm8k_metric, parse_number
+from tandem.tasks.hotpotqa import f1, metric as hotpot_metric, normalize_answer
+from tandem.tasks.iris import metric as iris_metric
+
+
+def test_gsm8k_metric_reads_the_last_number():
+    ex = load_task("gsm8k").test[0]
+    assert ex.answer == "18"
+    assert gsm8k_metric(ex, Prediction(answer="She makes $18 every day."))
+    assert gsm8k_metric(ex, Prediction(answer="18.0"))
+    assert not gsm8k_metric(ex, Prediction(answer="18 eggs, so 36"))
+    assert not gsm8k_metric(ex, Prediction(answer="no idea"))
+    assert parse_number("1,234.5 dollars") == 1234.5
+    assert parse_number("-3") == -3
+
+
+def test_gsm8k_examples_keep_the_worked_solution_without_calculator_notes():
+    ex = load_task("gsm8k").train[0]
+    assert "<<" not in ex.reasoning and "####" not in ex.reasoning
+    assert ex.inputs() == {"question": ex.question}
+
+
+def test_hotpotqa_normalization_and_metrics():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    ex = load_task("hotpotqa").val[0]
+    assert hotpot_metric(ex, Prediction(answer=f"  {ex.answer.upper()}. "))
+    assert not hotpot_metric(ex, Prediction(answer=f"{ex.answer} and more"))
+    assert 0 < f1(ex, Prediction(answer=f"{ex.answer} and more")) < 1
+
+
+def test_iris_metric_accepts_the_species_in_any_dress():
+    ex = load_task("iris").test[0]
+    assert iris_metric(ex, Prediction(species=f"Iris-{ex.species.capitalize()}"))
+    assert not iris_metric(ex, Prediction(species="a flower"))
+
+
+@pytest.mark.parametrize("name,sizes", [("gsm8k", (6973, 500, 1319)), ("hotpotqa", (200, 200, 341)), ("iris", (50, 50, 50))])
+def test_splits_are_deterministic_disjoint_and_sized(name, sizes):
+    a, b = load_task(name), load_task(name)
+    assert (len(a.train), len(a.val), len(a.test)) == sizes
+    for split in ("train", "val", "test"):
+        assert a.split(split) == b.split(split)
+    key = (lambda e: e["question"]) if name != "iris" else (lambda e: tuple(sorted(e.items())))
+    train, val = {key(e) for e in a.train}, {key(e) for e in a.val}
+    assert not train & val
+
+
+def test_iris_splits_are_stratified():
+    task = load_task("iris")
+    for split in (task.train, task.val, task.test):
+        counts = {s: sum(e.species == s for e in split) for s in ("setosa", "versicolor", "virginica")}
+        assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_missing_data_names_where_it_looked(tmp_path, monkeypatch):
+    with pytest.raises(DataNotFoundError, match=str(tmp_path / "gsm8k" / "train.jsonl")):
+        load_task("gsm8k", str(tmp_path))
+    monkeypatch.setenv("TANDEM_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataNotFoundError, match="--data-dir"):
+        load_task("hotpotqa")
+
+
+def test_unknown_task_lists_the_choices():
+    with pytest.raises(ValueError, match="gsm8k, hotpotqa, iris"):
+        load_task("mnist")
+
+
+def test_retriever_finds_the_gold_paragraph():
+    from tandem.tasks.hotpotqa import MultiHopQA
+
+    task = load_task("hotpotqa")
+    program = task.make_program()
+    assert isinstance(program, MultiHopQA)
+    hits = program.retriever("Scott Derrickson American director", 3)
+    assert hits[0].startswith("Scott Derrickson |")
+    assert program.retriever("zzqx qqzv", 3) == []
