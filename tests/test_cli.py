@@ -55,3 +55,28 @@ def test_eval_on_a_local_model_folder_prints_score_and_writes_traces(tiny_model_
     assert len(rows) == 4 and all(row["trace"][0]["messages"] for row in rows)
     again = tandem(*args, env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
     assert "(4 from cache)" in again.stdout
+
+
+def test_optimize_writes_the_run_folder_and_refuses_a_changed_config(tiny_model_dir, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["optimize", "--task", "iris", "--model", tiny_model_dir, "--strategy", "p -> w", "--run-dir", str(run_dir),
+            "--train-size", "3", "--val-size", "3", "--test-size", "3", "--candidates", "1", "--epochs", "1",
+            "--max-new-tokens", "6", "--threads", "4"]
+    env = {"TANDEM_CACHE_DIR": str(cache_dir)}
+    out = tandem(*args, env_extra=env)
+    assert out.returncode == 0, out.stderr
+    assert "zero-shot" in out.stdout and "p -> w" in out.stdout and "best program:" in out.stdout
+    for step in ("zero-shot", "p", "p-w"):
+        assert (run_dir / step / "step.json").exists() and (run_dir / step / "program.json").exists()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["settings"]["weights"]["lora"]["rank"] == 16 and config["sizes"] == {"train": 3, "val": 3, "test": 3}
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [s["prefix"] for s in results["steps"]] == ["zero-shot", "p", "p-w"]
+
+    changed = tandem(*[a if a != "16" else "8" for a in args], "--seed", "1", env_extra=env)
+    assert changed.returncode == 2 and "another configuration" in changed.stderr and "settings" in changed.stderr
+
+
+def test_bad_strategy_shows_the_valid_form(tmp_path):
+    out = tandem("optimize", "--task", "iris", "--model", "smollm2-135m", "--strategy", "p -> q", "--run-dir", str(tmp_path))
+    assert out.returncode == 2 and "joined by '->'" in out.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .base import Completion, Message, Request, Usage
 from .batching import DynamicBatcher
@@ -53,24 +54,46 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return torch.bfloat16 if faster else torch.float32
 
 
-class _StopOnStrings:
-    """Per-row stopping: a row is done at its own stop strings or its own token limit."""
+class _GrowingLayer(DynamicLayer):
+    """A KV-cache layer with its room reserved up front: each step writes in place.
 
-    def __init__(self, tokenizer, prompt_len: int, stops: list[tuple[str, ...]], limits: list[int]):
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-        self.stops = stops
-        self.limits = torch.tensor(limits)
-        self.tail = 12  # tokens decoded to look for a stop string that just appeared
+    transformers' DynamicLayer concatenates the whole cache every step, which on a CPU costs
+    more than the model's matmuls once a batch holds a few thousand tokens of context.
+    """
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        produced = input_ids.shape[1] - self.prompt_len
-        done = self.limits <= produced
-        for i, stops in enumerate(self.stops):
-            if stops and not done[i]:
-                text = self.tokenizer.decode(input_ids[i, -self.tail :])
-                done[i] = any(s in text for s in stops)
-        return done
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_empty(b, h, self.capacity, d)
+        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.length + n > self._k.shape[-2]:  # more than reserved: double the room
+            grow = max(n, self._k.shape[-2])
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[-1])], dim=-2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[-1])], dim=-2)
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
 
 def _plain_template(messages: Sequence[Message]) -> str:
@@ -225,36 +248,66 @@ class LocalLM:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device)
         limits = [r.max_new_tokens for r in requests]
-        temperature = requests[0].temperature
-        stopper = _StopOnStrings(self.tokenizer, width, [r.stop for r in requests], limits)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        if temperature > 0:
+        if requests[0].temperature > 0:
             torch.manual_seed(sum(r.seed for r in requests) + len(requests))
         with self.using_adapter(requests[0].adapter) as model:
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max(limits),
-                stopping_criteria=[stopper],
-                pad_token_id=pad,
-                top_k=None,
-                **sampling,
-            )
+            rows = self._decode(model, input_ids, mask, limits, [r.stop for r in requests], requests[0].temperature)
         completions = []
-        eos = set(self._eos_ids())
-        for row, req, ids in zip(out[:, width:].tolist(), requests, encoded):
-            row = row[: req.max_new_tokens]
-            cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-            text = self.tokenizer.decode(row[:cut], skip_special_tokens=True)
+        for row, req, ids in zip(rows, requests, encoded):
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
             for s in req.stop:
                 if s in text:
                     text = text[: text.index(s)]
-            completions.append(Completion(text.strip(), prompt_tokens=len(ids), completion_tokens=cut))
+            completions.append(Completion(text.strip(), prompt_tokens=len(ids), completion_tokens=len(row)))
         self.usage.add(completions)
         self.usage.extra["generate_seconds"] = self.usage.extra.get("generate_seconds", 0.0) + (
             time.perf_counter() - started
         )
         return completions
+
+    def _decode(self, model, input_ids, mask, limits, stops, temperature) -> list[list[int]]:
+        """Prefill, then decode token by token; a finished row leaves the batch at once.
+
+        A row finishes at an end-of-sequence token, its own token limit, or one of its stop
+        strings. Removing finished rows (and their cache) means a batch costs what its live rows
+        need, not what its longest reply needs.
+        """
+        eos = set(self._eos_ids())
+        config = model.config
+        cache = DynamicCache(config=config)
+        cache.layers = [_GrowingLayer(input_ids.shape[1] + max(limits)) for _ in range(config.num_hidden_layers)]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_pos = positions[:, -1] + 1
+        active = list(range(len(limits)))
+        rows: list[list[int]] = [[] for _ in limits]
+        while True:
+            if temperature > 0:
+                tokens = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
+            else:
+                tokens = logits.argmax(dim=-1)
+            keep = []
+            for j, (i, t) in enumerate(zip(active, tokens.tolist())):
+                if t in eos:
+                    continue
+                rows[i].append(t)
+                if len(rows[i]) >= limits[i]:
+                    continue
+                if stops[i] and any(s in self.tokenizer.decode(rows[i][-12:]) for s in stops[i]):
+                    continue
+                keep.append(j)
+            if not keep:
+                return rows
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=input_ids.device)
+                cache.batch_select_indices(index)
+                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

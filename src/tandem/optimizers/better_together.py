@@ -1,0 +1,200 @@
+"""BetterTogether: a strategy of prompt (p) and weight (w) steps, each built on the last.
+
+Every step is scored on the validation set (for selection) and the test set (for reporting
+only); the step with the best validation score is returned. A run folder keeps each step's
+program state, adapter, training data and scores. A step whose `step.json` exists is finished:
+rerunning the same command loads it instead of redoing it, so an interrupted run resumes at the
+first unfinished step. Steps are keyed by their strategy prefix (`p`, `p-w`, `p-w-p`), so runs
+with strategies that share a prefix can share a folder and its finished steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..evaluate import Metric, evaluate
+from ..lm.base import LM
+from ..lm.training import LoraSettings
+from ..program import Example, Program, load_state
+from .prompts import PromptSettings, bootstrap_fewshot_rs
+from .weights import WeightSettings, bootstrap_finetune
+
+log = logging.getLogger(__name__)
+
+STEP_NAMES = {"p": "Π (prompts)", "w": "Θ (weights)"}
+ZERO_SHOT = "zero-shot"
+
+
+def parse_strategy(text: str) -> tuple[str, ...]:
+    """`"p -> w -> p"` -> ("p", "w", "p"); anything else is refused with the valid form."""
+    steps = tuple(part.strip().lower() for part in str(text).split("->"))
+    if not steps or any(s not in STEP_NAMES for s in steps):
+        raise ValueError(
+            f"invalid strategy {text!r}: write steps 'p' (prompts) and 'w' (weights) joined by '->', "
+            "e.g. 'p', 'w', 'p -> w', 'p -> w -> p'"
+        )
+    return steps
+
+
+def prefix_name(steps: Sequence[str]) -> str:
+    return "-".join(steps) if steps else ZERO_SHOT
+
+
+def pretty(steps: Sequence[str]) -> str:
+    return " -> ".join(steps) if steps else ZERO_SHOT
+
+
+@dataclass(frozen=True)
+class OptimizeSettings:
+    prompts: PromptSettings = PromptSettings()
+    weights: WeightSettings = WeightSettings()
+    seed: int = 0
+    temperature: float = 0.0
+    max_new_tokens: int = 384
+    threads: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OptimizeSettings":
+        weights = dict(data.get("weights", {}))
+        weights["lora"] = LoraSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in weights.get("lora", {}).items()})
+        return cls(
+            prompts=PromptSettings(**data.get("prompts", {})),
+            weights=WeightSettings(**weights),
+            **{k: v for k, v in data.items() if k not in ("prompts", "weights")},
+        )
+
+
+@dataclass
+class StepRecord:
+    prefix: str  # e.g. "p-w"
+    kind: str  # "p", "w" or "" for zero-shot
+    val: float
+    test: float | None
+    seconds: float
+    val_errors: int = 0
+    test_errors: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return pretty(self.prefix.split("-")) if self.prefix != ZERO_SHOT else ZERO_SHOT
+
+
+@dataclass
+class BetterTogetherResult:
+    program: Program
+    best: str
+    steps: list[StepRecord]
+
+    def table(self) -> str:
+        rows = [f"{'strategy':<16}{'val %':>8}{'test %':>8}{'failed':>8}{'time s':>9}  notes"]
+        for s in self.steps:
+            test = f"{s.test:8.1f}" if s.test is not None else f"{'-':>8}"
+            mark = "  <- best (val)" if s.prefix == self.best else ""
+            notes = "; ".join(s.details.get("notes", []))
+            rows.append(f"{s.label:<16}{s.val:8.1f}{test}{s.val_errors:>8}{s.seconds:9.0f}  {notes}{mark}")
+        return "\n".join(rows)
+
+
+def _score(program, lm, examples, metric, settings, desc, progress):
+    if not examples:
+        return None, 0
+    r = evaluate(program, lm, examples, metric, threads=settings.threads, progress=progress, desc=desc,
+                 temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
+    return r.score, r.n_errors
+
+
+def run_step(
+    kind: str,
+    program: Program,
+    lm: LM,
+    train: Sequence[Example],
+    val: Sequence[Example],
+    metric: Metric,
+    settings: OptimizeSettings,
+    folder: Path,
+    seed: int,
+    progress: bool = True,
+) -> tuple[Program, dict[str, Any]]:
+    """One optimizer step; every optimizer has the same call shape."""
+    run = dict(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
+    if kind == "p":
+        result = bootstrap_fewshot_rs(program, lm, train, val, metric, settings.prompts, seed=seed,
+                                      threads=settings.threads, progress=progress, **run)
+        return result.program, result.summary()
+    if kind == "w":
+        result = bootstrap_finetune(program, lm, train, val, metric, settings.weights, out_dir=folder, seed=seed,
+                                    threads=settings.threads, progress=progress, **run)
+        return result.program, result.summary()
+    raise ValueError(f"unknown step kind {kind!r}")
+
+
+def load_step(program: Program, folder: Path) -> tuple[Program, StepRecord] | None:
+    """A finished step's program and record, or None if the step has not finished."""
+    marker = folder / "step.json"
+    if not marker.exists():
+        return None
+    record = StepRecord(**json.loads(marker.read_text()))
+    return program.with_state(load_state(folder / "program.json")), record
+
+
+def better_together(
+    program: Program,
+    lm: LM,
+    strategy: str | Sequence[str],
+    train: Sequence[Example],
+    val: Sequence[Example],
+    test: Sequence[Example],
+    metric: Metric,
+    settings: OptimizeSettings = OptimizeSettings(),
+    *,
+    run_dir: str | Path,
+    progress: bool = True,
+) -> BetterTogetherResult:
+    """Run the strategy from `program`, resuming finished steps found in `run_dir`."""
+    steps = parse_strategy(strategy) if isinstance(strategy, str) else tuple(strategy)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records: list[StepRecord] = []
+    current = program
+    for depth in range(len(steps) + 1):
+        prefix = steps[:depth]
+        folder = run_dir / prefix_name(prefix)
+        done = load_step(program, folder)
+        if done is not None:
+            current, record = done
+            log.info("step %s already finished: val %.1f%%", record.label, record.val)
+            records.append(record)
+            continue
+        started = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        details: dict[str, Any] = {}
+        if depth > 0:
+            # Each depth gets its own seed so that "p -> p" does not redraw the same candidates.
+            current, details = run_step(steps[depth - 1], current, lm, train, val, metric, settings, folder,
+                                        seed=settings.seed * 100 + depth, progress=progress)
+        val_score, val_errors = _score(current, lm, val, metric, settings, f"{prefix_name(prefix)} val", progress)
+        test_score, test_errors = _score(current, lm, test, metric, settings, f"{prefix_name(prefix)} test", progress)
+        record = StepRecord(prefix_name(prefix), steps[depth - 1] if depth else "", val_score, test_score,
+                            time.perf_counter() - started, val_errors, test_errors, details)
+        current.save(folder / "program.json")
+        tmp = folder / "step.json.tmp"
+        tmp.write_text(json.dumps(asdict(record), indent=1, ensure_ascii=False))
+        tmp.replace(folder / "step.json")  # written last: its presence means the step is finished
+        records.append(record)
+        log.info("step %s: val %.1f%%", record.label, record.val)
+
+    best = max(records, key=lambda r: r.val)  # selection never looks at test; ties go to the earlier step
+    best_program = load_step(program, run_dir / best.prefix)[0]
+    result = BetterTogetherResult(best_program, best.prefix, records)
+    (run_dir / "results.json").write_text(json.dumps(
+        {"strategy": pretty(steps), "best": best.prefix, "steps": [asdict(r) for r in records]}, indent=1, ensure_ascii=False))
+    return result

@@ -1,0 +1,175 @@
+"""Π: prompt optimization by bootstrapping few-shot demos, with random search over candidates.
+
+BootstrapFewShot runs a teacher program over training examples and keeps the runs whose final
+answer passes the metric; every module call of a kept run becomes a demo for that module.
+Random search (BootstrapFewShotRS) builds several candidate demo sets, named, not numbered:
+
+- `zero-shot`: no demos;
+- `labeled-only`: demos sampled from labeled examples (where the task's fields allow);
+- `bootstrap-unshuffled`: bootstrapped demos in training order;
+- `bootstrap-seed-N`: training order shuffled with seed N and a random number of demos;
+
+scores each on the validation set and keeps the best (ties go to the earlier candidate).
+The teacher runs over the training set once, concurrently and batched; every candidate draws its
+demos from those runs, so no example is run twice by the same program.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..evaluate import Metric, evaluate
+from ..lm.base import LM
+from ..program import Example, Program
+from ..signatures import REASONING
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    max_bootstrapped_demos: int = 3
+    max_labeled_demos: int = 3
+    num_candidates: int = 6  # shuffled bootstrap candidates, besides the three named ones
+    metric_threshold: float = 1.0  # a run "passes" when its metric is at least this
+
+    def __post_init__(self) -> None:
+        for name in ("max_bootstrapped_demos", "max_labeled_demos", "num_candidates"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"prompts.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Candidate:
+    name: str
+    state: dict[str, Any]
+    val_score: float | None = None
+    val_errors: int = 0
+
+    @property
+    def demos(self) -> dict[str, int]:
+        return {name: len(p["demos"]) for name, p in self.state["predictors"].items()}
+
+
+@dataclass
+class PromptResult:
+    program: Program
+    best: str
+    candidates: list[Candidate]
+    teacher_runs: int
+    successful_runs: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "teacher_runs": self.teacher_runs,
+            "successful_runs": self.successful_runs,
+            "notes": self.notes,
+            "candidates": [
+                {"name": c.name, "val_score": c.val_score, "val_errors": c.val_errors, "demos": c.demos} for c in self.candidates
+            ],
+        }
+
+
+def labeled_fields(program: Program) -> dict[str, list[str]]:
+    """Per predictor, the fields a labeled example must have to serve as its demo."""
+    return {
+        name: [f for f in p.signature.input_names + p.signature.output_names if f != REASONING.name]
+        for name, p in program.named_predictors()
+    }
+
+
+def labeled_demos(program: Program, examples: Sequence[Example], k: int, rng: random.Random) -> dict[str, list[dict]]:
+    demos: dict[str, list[dict]] = {}
+    for name, fields in labeled_fields(program).items():
+        usable = [e for e in examples if all(f in e for f in fields)]
+        extra = [f for f in (REASONING.name,) if all(f in e for e in usable)]
+        demos[name] = [{f: e[f] for f in fields + extra} for e in rng.sample(usable, min(k, len(usable)))]
+    return demos
+
+
+def _with_demos(program: Program, demos: dict[str, list[dict]]) -> Program:
+    new = program.clone()
+    for name, predictor in new.named_predictors():
+        predictor.demos = list(demos.get(name, []))
+    return new
+
+
+def bootstrap_fewshot_rs(
+    program: Program,
+    lm: LM,
+    train: Sequence[Example],
+    val: Sequence[Example],
+    metric: Metric,
+    settings: PromptSettings = PromptSettings(),
+    *,
+    seed: int = 0,
+    threads: int = 32,
+    progress: bool = True,
+    **run_settings: Any,
+) -> PromptResult:
+    """Return a new program with the best demo set found; `program` is not changed."""
+    if not train or not val:
+        raise ValueError("prompt optimization needs training and validation examples")
+    rng = random.Random(seed)
+    student = _with_demos(program, {})  # candidates start from no demos, same instructions and adapter
+    labeled = labeled_demos(student, train, settings.max_labeled_demos, random.Random(seed))
+    has_labels = any(labeled.values())
+
+    # The teacher: the incoming program if it already has demos, else the student with labeled demos.
+    teacher = program if any(p.demos for p in program.predictors()) else _with_demos(program, labeled)
+    runs = evaluate(teacher, lm, train, metric, threads=threads, progress=progress, desc="bootstrap", **run_settings)
+    passing = [i for i, r in enumerate(runs.results) if r.error is None and r.score >= settings.metric_threshold]
+    traces = {i: runs.results[i].trace for i in passing}
+    notes = []
+    if not passing:
+        notes.append("no training run passed the metric: bootstrapped candidates have no demos")
+
+    def bootstrapped(order: list[int], k: int) -> dict[str, list[dict]]:
+        demos: dict[str, list[dict]] = {name: [] for name, _ in student.named_predictors()}
+        used: set[int] = set()
+        for i in order:
+            if i not in traces:
+                continue
+            if all(len(d) >= k for d in demos.values()):
+                break
+            used.add(i)
+            for entry in traces[i]:
+                if entry.module in demos and len(demos[entry.module]) < k and entry.outputs is not None:
+                    demos[entry.module].append({**entry.inputs, **entry.outputs})
+        # Fill up to the labeled limit from examples the bootstrap did not use.
+        rest = [train[i] for i in order if i not in used]
+        extra = labeled_demos(student, rest, settings.max_labeled_demos, rng)
+        for name in demos:
+            room = max(0, settings.max_labeled_demos - len(demos[name]))
+            demos[name] += extra[name][:room]
+        return demos
+
+    candidates = [Candidate("zero-shot", student.get_state())]
+    if has_labels:
+        candidates.append(Candidate("labeled-only", _with_demos(student, labeled).get_state()))
+    order = list(range(len(train)))
+    if settings.max_bootstrapped_demos > 0:
+        candidates.append(Candidate("bootstrap-unshuffled", _with_demos(student, bootstrapped(order, settings.max_bootstrapped_demos)).get_state()))
+        for n in range(settings.num_candidates):
+            shuffled = order[:]
+            random.Random(seed * 1000 + n).shuffle(shuffled)
+            k = rng.randint(1, settings.max_bootstrapped_demos)
+            candidates.append(Candidate(f"bootstrap-seed-{n}", _with_demos(student, bootstrapped(shuffled, k)).get_state()))
+
+    scored: dict[str, tuple[float, int]] = {}
+    for c in candidates:
+        key = json.dumps(c.state, sort_keys=True)
+        if key not in scored:  # identical demo sets are scored once
+            result = evaluate(student.with_state(c.state), lm, val, metric, threads=threads, progress=progress,
+                              desc=f"val {c.name}", **run_settings)
+            scored[key] = (result.score, result.n_errors)
+        c.val_score, c.val_errors = scored[key]
+        log.info("candidate %s: val %.1f%% (%d failed)", c.name, c.val_score, c.val_errors)
+    best = max(candidates, key=lambda c: c.val_score)  # max keeps the first of equals
+    return PromptResult(student.with_state(best.state), best.name, candidates, len(train), len(passing), notes)

@@ -1,0 +1,188 @@
+"""Optimizer logic with a scripted LM: fast, offline, exact."""
+
+import json
+import re
+
+import pytest
+
+from tandem import ChainOfThought, Example, Program, ScriptedLM
+from tandem.optimizers import (
+    OptimizeSettings, PromptSettings, WeightSettings, better_together, bootstrap_fewshot_rs, bootstrap_finetune,
+    parse_strategy,
+)
+from tandem.optimizers.weights import NO_TRACES
+
+
+class Double(Program):
+    """Two modules: one rewrites the number, one answers; only the final answer has a label."""
+
+    def __init__(self):
+        self.rewrite = ChainOfThought("number -> rewritten")
+        self.answer = ChainOfThought("rewritten -> double")
+
+    def forward(self, run, number):
+        rewritten = self.rewrite(run, number=number).rewritten
+        return self.answer(run, rewritten=rewritten)
+
+
+def number_of(request):
+    return int(re.findall(r"-?\d+", request.messages[-1]["content"])[-1])
+
+
+def demos_in(request):
+    return sum(m["role"] == "assistant" for m in request.messages)
+
+
+def smart(request):
+    """Right for even numbers always; right for odd numbers only when the prompt has demos."""
+    n = number_of(request)
+    if "Rewritten" in request.messages[-1]["content"]:
+        ok = n % 2 == 0 or demos_in(request) > 0
+        return f"Reasoning: doubling\nDouble: {2 * n if ok else n}"
+    return f"Reasoning: copy\nRewritten: {n}"
+
+
+def metric(example, prediction):
+    return float(int(prediction.double) == 2 * example.number)
+
+
+def data(numbers):
+    return [Example(number=n, inputs=("number",)) for n in numbers]
+
+
+def test_strategy_parsing():
+    assert parse_strategy("p -> w -> p") == ("p", "w", "p")
+    assert parse_strategy("W") == ("w",)
+    assert parse_strategy("p->p") == ("p", "p")
+    for bad in ["", "p w", "p -> x", "p ->", "prompts -> weights"]:
+        with pytest.raises(ValueError, match="joined by '->'"):
+            parse_strategy(bad)
+
+
+def test_bootstrap_keeps_only_passing_traces_and_respects_limits():
+    lm = ScriptedLM(smart)
+    train = data([1, 2, 3, 4, 6, 8, 10])  # odd numbers fail with no demos
+    settings = PromptSettings(max_bootstrapped_demos=2, max_labeled_demos=2, num_candidates=3)
+    result = bootstrap_fewshot_rs(Double(), lm, train, data([5, 7, 12]), metric, settings, seed=1, progress=False)
+    assert result.teacher_runs == 7 and result.successful_runs == 5
+    names = [c.name for c in result.candidates]
+    # no labeled-only candidate: the examples lack the modules' output fields
+    assert names == ["zero-shot", "bootstrap-unshuffled", "bootstrap-seed-0", "bootstrap-seed-1", "bootstrap-seed-2"]
+    for c in result.candidates[1:]:
+        for name, pred in c.state["predictors"].items():
+            assert 1 <= len(pred["demos"]) <= 2
+            for demo in pred["demos"]:
+                assert demo.get("number", demo.get("rewritten")) in (2, "2", 4, "4", 6, "6", 8, "8", 10, "10")
+    unshuffled = result.candidates[1].state["predictors"]["answer"]["demos"]
+    assert [d["rewritten"] for d in unshuffled] == ["2", "4"]  # training order, passing runs only
+    assert unshuffled[0]["double"] == "4" and unshuffled[0]["reasoning"] == "doubling"
+
+
+def test_random_search_picks_the_best_candidate_and_reports_all():
+    lm = ScriptedLM(smart)
+    result = bootstrap_fewshot_rs(Double(), lm, data([2, 4, 6]), data([1, 3, 5, 8]), metric,
+                                  PromptSettings(2, 0, 2), progress=False)
+    scores = {c.name: c.val_score for c in result.candidates}
+    assert scores["zero-shot"] == 25.0  # only 8 is even
+    assert scores["bootstrap-unshuffled"] == 100.0
+    assert result.best == "bootstrap-unshuffled"  # ties go to the earlier candidate
+    assert all(p.demos for p in result.program.predictors())
+
+
+def test_labeled_only_candidate_and_teacher_use_labels_where_fields_allow():
+    class Solve(Program):
+        def __init__(self):
+            self.solve = ChainOfThought("question -> answer")
+
+        def forward(self, run, question):
+            return self.solve(run, question=question)
+
+    def reply(request):
+        return "Answer: 42" if demos_in(request) else "no idea"
+
+    train = [Example(question=f"q{i}", answer="42", inputs=("question",)) for i in range(5)]
+    lm = ScriptedLM(reply)
+    result = bootstrap_fewshot_rs(Solve(), lm, train, train[:2], lambda e, p: float(p.answer == e.answer),
+                                  PromptSettings(1, 2, 1), progress=False)
+    assert "labeled-only" in [c.name for c in result.candidates]
+    assert result.successful_runs == 5  # the teacher ran with labeled demos
+    assert result.best == "labeled-only" and len(result.program.solve.demos) == 2
+
+
+def test_program_given_to_an_optimizer_is_not_changed():
+    program = Double()
+    before = json.dumps(program.get_state())
+    bootstrap_fewshot_rs(program, ScriptedLM(smart), data([2, 4]), data([6]), metric, PromptSettings(1, 1, 1),
+                         progress=False)
+    assert json.dumps(program.get_state()) == before
+
+
+def test_weight_step_with_no_passing_runs_is_skipped_with_the_message(tmp_path):
+    lm = ScriptedLM(smart, trainable=True)
+    result = bootstrap_finetune(Double(), lm, data([1, 3, 5]), data([7]), metric, out_dir=tmp_path, progress=False)
+    assert not result.trained and result.notes == [NO_TRACES]
+    assert result.program.adapter is None and lm.finetuned == []
+
+
+def test_weight_step_trains_one_adapter_on_every_modules_calls(tmp_path):
+    lm = ScriptedLM(smart, trainable=True)
+    program = Double()
+    program.answer.demos = [{"rewritten": "9", "reasoning": "r", "double": "18"}]
+    result = bootstrap_finetune(program, lm, data([1, 2, 4]), data([7]), metric, out_dir=tmp_path, progress=False)
+    assert result.trained and result.successful_runs == 3 and result.conversations == 6
+    (conversations,) = lm.finetuned
+    assert len(conversations) == 6
+    assert all(c[-1]["role"] == "assistant" for c in conversations)
+    assert all(m["role"] != "assistant" for c in conversations for m in c[:-1])  # paper: no demos in training prompts
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert sorted({r["module"] for r in rows}) == ["answer", "rewrite"]
+    assert result.program.adapter == str((tmp_path / "adapter").resolve())
+    assert all(not p.demos for p in result.program.predictors())
+
+
+def test_weight_step_needs_an_lm_that_can_finetune(tmp_path):
+    with pytest.raises(TypeError, match="cannot fine-tune"):
+        bootstrap_finetune(Double(), ScriptedLM(smart), data([2]), data([4]), metric, out_dir=tmp_path, progress=False)
+
+
+def test_better_together_scores_every_step_and_resumes_without_redoing(tmp_path):
+    settings = OptimizeSettings(prompts=PromptSettings(1, 0, 1), threads=4)
+    args = (data([1, 2, 4, 6]), data([3, 8]), data([5, 10]), metric)
+    lm = ScriptedLM(smart, trainable=True)
+    first = better_together(Double(), lm, "p -> w", *args, settings, run_dir=tmp_path, progress=False)
+    assert [s.prefix for s in first.steps] == ["zero-shot", "p", "p-w"]
+    assert first.steps[0].val == 50.0 and first.steps[1].val == 100.0
+    assert first.best == "p"  # p-w scores the same on val; ties go to the earlier step
+    calls = len(lm.requests)
+
+    again = ScriptedLM(smart, trainable=True)
+    second = better_together(Double(), again, "p -> w", *args, settings, run_dir=tmp_path, progress=False)
+    assert again.requests == [] and again.finetuned == []  # everything was finished: nothing redone
+    assert [s.val for s in second.steps] == [s.val for s in first.steps]
+
+    # A killed run: the last step never wrote step.json. Only that step runs again.
+    (tmp_path / "p-w" / "step.json").unlink()
+    third = ScriptedLM(smart, trainable=True)
+    better_together(Double(), third, "p -> w", *args, settings, run_dir=tmp_path, progress=False)
+    assert len(third.finetuned) == 1
+    assert 0 < len(third.requests) < calls
+
+    # A longer strategy sharing the prefix reuses the finished steps.
+    fourth = ScriptedLM(smart, trainable=True)
+    longer = better_together(Double(), fourth, "p -> w -> p", *args, settings, run_dir=tmp_path, progress=False)
+    assert [s.prefix for s in longer.steps] == ["zero-shot", "p", "p-w", "p-w-p"]
+    assert fourth.finetuned == []
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["strategy"] == "p -> w -> p" and len(results["steps"]) == 4
+
+
+def test_better_together_with_a_weight_step_that_finds_nothing_goes_on(tmp_path):
+    def hopeless(request):
+        return "Reasoning: r\nRewritten: 0" if "Number" in request.messages[-1]["content"] else "Reasoning: r\nDouble: 0"
+
+    lm = ScriptedLM(hopeless, trainable=True)
+    result = better_together(Double(), lm, "w -> p", data([1, 2]), data([3]), data([4]), metric,
+                             OptimizeSettings(prompts=PromptSettings(1, 0, 1)), run_dir=tmp_path, progress=False)
+    assert [s.prefix for s in result.steps] == ["zero-shot", "w", "w-p"]
+    assert result.steps[1].details["notes"] == [NO_TRACES]
+    assert "no successful traces" in result.table()

@@ -1,0 +1,75 @@
+"""LoRA fine-tuning through the real peft path on the tiny local model."""
+
+import json
+
+import pytest
+
+from tandem.lm import Request
+from tandem.lm.local import LocalLM
+from tandem.lm.training import LoraSettings, tokenize_chat
+
+
+def conversations():
+    return [
+        [{"role": "system", "content": "Name the color."}, {"role": "user", "content": f"Thing: {thing}"},
+         {"role": "assistant", "content": f"Color: {color}"}]
+        for thing, color in [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"),
+                             ("blood", "red"), ("sun", "yellow"), ("night", "black"), ("sea", "blue")]
+    ]
+
+
+def prompts():
+    return [Request(tuple(c[:-1]), max_new_tokens=6) for c in conversations()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    lm = LocalLM(tiny_model_dir, dtype="float32")
+    before = [c.text for c in lm.generate(prompts())]
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    settings = LoraSettings(rank=8, alpha=16, learning_rate=1e-2, epochs=8, batch_size=4, micro_batch_size=4)
+    report = lm.finetune(conversations(), out, settings, progress=False)
+    after = [c.text for c in lm.generate([Request(r.messages, r.max_new_tokens, adapter=str(out)) for r in prompts()])]
+    yield lm, out, report, before, after
+    lm.close()
+
+
+def test_loss_is_only_on_the_assistant_reply(tiny_model_dir):
+    lm = LocalLM(tiny_model_dir, dtype="float32")
+    ids, labels = tokenize_chat(lm.tokenizer, lm.prompt_text, conversations()[0], max_length=512)
+    target = [t for t in labels if t != -100]
+    assert len(ids) == len(labels) and 0 < len(target) < len(ids)
+    assert lm.tokenizer.decode(target).startswith("Color: blue")
+    assert labels[: len(ids) - len(target)] == [-100] * (len(ids) - len(target))
+    lm.close()
+
+
+def test_training_lowers_the_loss_and_writes_a_peft_adapter(trained):
+    _, out, report, _, _ = trained
+    assert report.last_loss < 0.7 * report.first_loss
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16
+    assert json.loads((out / "training.json").read_text())["examples"] == 8
+    assert not any(out.parent.glob("*.tmp"))
+
+
+def test_trained_adapter_changes_greedy_outputs_and_base_is_untouched(trained):
+    lm, _, _, before, after = trained
+    assert after != before
+    assert [c.text for c in lm.generate(prompts())] == before  # base weights still serve adapter-less requests
+
+
+def test_saved_adapter_reloads_to_the_same_outputs(trained, tiny_model_dir):
+    _, out, _, _, after = trained
+    fresh = LocalLM(tiny_model_dir, dtype="float32")
+    again = [c.text for c in fresh.generate([Request(r.messages, r.max_new_tokens, adapter=str(out)) for r in prompts()])]
+    assert again == after
+    fresh.close()
+
+
+def test_lora_settings_name_the_bad_field():
+    with pytest.raises(ValueError, match="lora.rank"):
+        LoraSettings(rank=0)
+    with pytest.raises(ValueError, match="lora.learning_rate"):
+        LoraSettings(learning_rate=2.0)
