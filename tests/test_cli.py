@@ -80,3 +80,20 @@ def test_optimize_writes_the_run_folder_and_refuses_a_changed_config(tiny_model_
 def test_bad_strategy_shows_the_valid_form(tmp_path):
     out = tandem("optimize", "--task", "iris", "--model", "smollm2-135m", "--strategy", "p -> q", "--run-dir", str(tmp_path))
     assert out.returncode == 2 and "joined by '->'" in out.stderr
+
+
+def test_experiment_writes_table_report_and_chart_and_report_rebuilds(tiny_model_dir, cache_dir, tmp_path):
+    run_dir = tmp_path / "grid"
+    env = {"TANDEM_CACHE_DIR": str(cache_dir)}
+    out = tandem("experiment", "--task", "iris", "--model", tiny_model_dir, "--strategies", "vanilla, p", "--seeds", "2",
+                 "--run-dir", str(run_dir), "--budget", "tiny", "--train-size", "3", "--val-size", "3",
+                 "--test-size", "3", "--candidates", "1", "--max-new-tokens", "6", "--threads", "4", env_extra=env)
+    assert out.returncode == 0, out.stderr
+    assert "vanilla" in out.stdout and "Π" in out.stdout and "report:" in out.stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["resolved"]["train_size"] == 3 and config["resolved"]["epochs"] == 2  # override, preset
+    assert (run_dir / "iris.png").read_bytes()[:4] == b"\x89PNG"
+    (run_dir / "report.md").unlink()
+    again = tandem("report", str(run_dir))
+    assert again.returncode == 0 and (run_dir / "report.md").exists()
+    assert len(json.loads((run_dir / "cells.json").read_text())) == 4

@@ -102,3 +102,13 @@ def test_unknown_model_is_a_clear_error(tmp_path):
         resolve_model(str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
         resolve_model(str(tmp_path / "x.gguf"))
+
+
+def test_cache_keys_on_the_engine_fingerprint_not_just_the_name(tmp_path):
+    from tandem.lm import ScriptedLM
+
+    fp32, bf16 = ScriptedLM(lambda r: "a", name="m"), ScriptedLM(lambda r: "b", name="m")
+    fp32.fingerprint, bf16.fingerprint = "m|float32", "m|bfloat16"
+    path = tmp_path / "calls.sqlite"
+    assert CachedLM(fp32, path).generate(requests()[:1])[0].text == "a"
+    assert CachedLM(bf16, path).generate(requests()[:1])[0].text == "b"  # no stale hit from the other dtype

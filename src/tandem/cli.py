@@ -78,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--with-demos", action="store_true", help="train and run with the program's demos (paper: without)")
     _add_engine(p)
     p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("experiment", help="the paper's grid: strategies x seeds, with a report and charts")
+    _add_common(p)
+    p.add_argument("--strategies", default="all", help="'all' or a comma list: vanilla, p, w, p -> w, w -> p, ...")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; cells report mean ± std")
+    p.add_argument("--run-dir", required=True, help="grid folder (seed-N/ holds each seed's shared steps); rerun to resume")
+    p.add_argument("--budget", default="tiny", choices=["tiny", "small", "paper"], help="preset for every size below")
+    g = p.add_argument_group("budget overrides (default: from --budget)")
+    for name, kind in [("train-size", int), ("val-size", int), ("test-size", int), ("candidates", int),
+                       ("max-bootstrapped", int), ("max-labeled", int), ("epochs", int), ("learning-rate", float),
+                       ("rank", int)]:
+        g.add_argument(f"--{name}", type=kind)
+    _add_engine(p)
+    p.set_defaults(func=cmd_experiment, max_new_tokens=None)
+
+    p = sub.add_parser("report", help="rebuild report.md, CSV/JSON and charts of an experiment folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -201,6 +219,41 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"{args.task} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test)")
     print(result.table())
     print(f"best program: {run_dir / result.best / 'program.json'}; all results: {run_dir / 'results.json'}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import parse_strategies, resolve_budget, run_grid, table, write_report
+
+    _check_positive(args, "seeds", "batch_size", "threads")
+    strategies = parse_strategies(args.strategies)
+    overrides = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size", "candidates", "max_bootstrapped",
+                                                "max_labeled", "epochs", "learning_rate", "rank", "max_new_tokens")}
+    budget = resolve_budget(args.budget, args.task, **overrides)
+    args.max_new_tokens = budget.max_new_tokens
+    task = load_task(args.task, args.data_dir)
+    run_dir = Path(args.run_dir)
+    from dataclasses import asdict
+
+    config = {"task": args.task, "model": args.model, "strategy": list(strategies), "seeds": args.seeds,
+              "budget": args.budget, "resolved": asdict(budget), "program": args.program, "dtype": args.dtype,
+              "temperature": args.temperature}
+    check_run_config(run_dir, config)
+    lm = _lm(args)
+    run_grid(task, _program(task, args), lm, strategies, range(args.seeds), budget, run_dir, threads=args.threads)
+    report = write_report(run_dir)
+    print(f"{args.task} on {args.model}, budget {args.budget}, {args.seeds} seed(s): test accuracy")
+    print(table(run_dir))
+    print(f"report: {report}; chart: {run_dir / (args.task + '.png')}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .experiments import table, write_report
+
+    report = write_report(Path(args.run_dir))
+    print(table(args.run_dir))
+    print(f"report: {report}")
     return 0
 
 

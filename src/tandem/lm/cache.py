@@ -63,7 +63,8 @@ class CachedLM:
             return self._digests[(adapter, stamp)]
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        keys = [r.key(self.name, self._digest(r.adapter)) for r in requests]
+        model = getattr(self.lm, "fingerprint", self.name)
+        keys = [r.key(model, self._digest(r.adapter)) for r in requests]
         results: list[Completion | None] = [None] * len(requests)
         with self._lock:
             for i, key in enumerate(keys):

@@ -128,6 +128,8 @@ class LocalLM:
                 "pass a local model folder or a .gguf file"
             ) from exc
         self.model.eval()
+        # What the cache keys on: the same weights in another dtype give other replies.
+        self.fingerprint = f"{self.name}|{str(self.dtype).removeprefix('torch.')}"
         log.info("loaded %s (%s) on %s", model, self.dtype, device)
         self.device = device
         self.tokenizer.padding_side = "left"

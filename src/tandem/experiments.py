@@ -1,0 +1,246 @@
+"""The paper's comparison as one grid: strategies x seeds on one task, and a report to look at.
+
+Within a seed, all strategies share one run folder, and steps are keyed by strategy prefix, so
+Π→Θ→Π continues from the same seed's Π→Θ, which continues from Π: shared prefixes are computed
+once. Every cell is the held-out test score of the strategy's final program.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from .lm.base import LM
+from .lm.training import LoraSettings
+from .optimizers.better_together import OptimizeSettings, better_together, load_step, parse_strategy, prefix_name
+from .optimizers.prompts import PromptSettings
+from .optimizers.weights import WeightSettings
+from .program import Program
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+# The paper's rows, in its order: label -> strategy ("" is the unoptimized program).
+STRATEGIES = {
+    "vanilla": "",
+    "Π": "p",
+    "Θ": "w",
+    "Π→Θ": "p -> w",
+    "Θ→Π": "w -> p",
+    "Π→Θ→Π": "p -> w -> p",
+    "Π→Π": "p -> p",
+    "Θ→Θ": "w -> w",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything that sets how much work a grid does; presets below, each field overridable."""
+
+    train_size: int
+    val_size: int
+    test_size: int
+    candidates: int
+    max_bootstrapped: int
+    max_labeled: int
+    epochs: int
+    learning_rate: float
+    rank: int
+    max_new_tokens: int
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value <= 0 and name not in ("max_bootstrapped", "max_labeled", "candidates"):
+                raise ValueError(f"budget.{name} must be > 0, got {value}")
+
+    def settings(self, seed: int, threads: int = 32) -> OptimizeSettings:
+        lora = LoraSettings(rank=self.rank, alpha=2 * self.rank, learning_rate=self.learning_rate, epochs=self.epochs)
+        return OptimizeSettings(
+            prompts=PromptSettings(self.max_bootstrapped, self.max_labeled, self.candidates),
+            weights=WeightSettings(lora), seed=seed, max_new_tokens=self.max_new_tokens, threads=threads,
+        )
+
+
+# tiny: minutes on a 2-core CPU with a 135M model; small: an hour or so; paper: the paper's settings
+# (prompt optimization on 100 train / 250 val, Iris 15 / 35; LoRA rank 32, 5 epochs).
+BUDGETS = {
+    "tiny": Budget(15, 20, 50, 2, 3, 3, 2, 3e-4, 16, 96),
+    "small": Budget(50, 50, 100, 4, 3, 3, 3, 3e-4, 16, 256),
+    "paper": Budget(100, 250, 1500, 6, 3, 3, 5, 1e-4, 32, 1024),
+}
+PAPER_IRIS = {"train_size": 15, "val_size": 35}
+
+
+def resolve_budget(name: str, task: str, **overrides: Any) -> Budget:
+    if name not in BUDGETS:
+        raise ValueError(f"unknown budget '{name}': choose one of {', '.join(BUDGETS)}")
+    budget = BUDGETS[name]
+    if name == "paper" and task == "iris":
+        budget = replace(budget, **PAPER_IRIS)
+    unknown = set(overrides) - set(asdict(budget))
+    if unknown:
+        raise ValueError(f"unknown budget fields: {sorted(unknown)}")
+    return replace(budget, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_strategies(text: str) -> dict[str, str]:
+    """`all`, or a comma-separated list of labels or strategies (`vanilla, p -> w`)."""
+    if text.strip() == "all":
+        return dict(STRATEGIES)
+    chosen = {}
+    by_strategy = {v: k for k, v in STRATEGIES.items()}
+    for part in (p.strip() for p in text.split(",")):
+        if part in STRATEGIES:
+            chosen[part] = STRATEGIES[part]
+        elif part in ("vanilla", "zero-shot"):
+            chosen["vanilla"] = ""
+        else:
+            steps = " -> ".join(parse_strategy(part))
+            chosen[by_strategy.get(steps, steps)] = steps
+    return chosen
+
+
+@dataclass
+class Cell:
+    task: str
+    strategy: str  # the row label, e.g. "Π→Θ"
+    seed: int
+    val: float
+    test: float | None
+    seconds: float  # this strategy's own last step
+    total_seconds: float  # every step of the strategy, shared prefixes included
+    notes: str = ""
+
+
+def run_grid(
+    task: Task,
+    program: Program,
+    lm: LM,
+    strategies: dict[str, str],
+    seeds: Sequence[int],
+    budget: Budget,
+    run_dir: str | Path,
+    threads: int = 32,
+    progress: bool = True,
+) -> list[Cell]:
+    run_dir = Path(run_dir)
+    train, val, test = task.train[: budget.train_size], task.val[: budget.val_size], task.test[: budget.test_size]
+    cells = []
+    for seed in seeds:
+        seed_dir = run_dir / f"seed-{seed}"
+        settings = budget.settings(seed, threads)
+        for label, strategy in strategies.items():
+            steps = parse_strategy(strategy) if strategy else ()
+            log.info("seed %d, %s", seed, label)
+            result = better_together(program, lm, steps, train, val, test, task.metric, settings,
+                                     run_dir=seed_dir, progress=progress)
+            last = result.steps[-1]
+            cells.append(Cell(task.name, label, seed, last.val, last.test, last.seconds,
+                              sum(s.seconds for s in result.steps), "; ".join(last.details.get("notes", []))))
+    write_cells(run_dir, cells)
+    return cells
+
+
+def write_cells(run_dir: Path, cells: Sequence[Cell]) -> None:
+    (run_dir / "cells.json").write_text(json.dumps([asdict(c) for c in cells], indent=1, ensure_ascii=False))
+    with open(run_dir / "cells.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(cells[0])))
+        writer.writeheader()
+        writer.writerows(asdict(c) for c in cells)
+
+
+def read_cells(run_dir: Path) -> list[Cell]:
+    path = Path(run_dir) / "cells.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no results in {run_dir}: run `tandem experiment --run-dir {run_dir}` first")
+    return [Cell(**c) for c in json.loads(path.read_text())]
+
+
+def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """One row per strategy in the paper's order: mean and standard deviation over seeds."""
+    rows = []
+    order = list(STRATEGIES) + sorted({c.strategy for c in cells} - set(STRATEGIES))
+    for label in order:
+        group = [c for c in cells if c.strategy == label]
+        if not group:
+            continue
+        tests = [c.test for c in group if c.test is not None]
+        vals = [c.val for c in group]
+        rows.append({
+            "strategy": label,
+            "seeds": len(group),
+            "test_mean": statistics.mean(tests) if tests else None,
+            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "val_mean": statistics.mean(vals),
+            "seconds": statistics.mean(c.seconds for c in group),
+            "notes": sorted({c.notes for c in group if c.notes}),
+        })
+    return rows
+
+
+def plot(rows: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["strategy"] for r in rows]
+    means = [r["test_mean"] or 0.0 for r in rows]
+    errors = [r["test_std"] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 2, 4.2))
+    bars = ax.bar(labels, means, yerr=errors, capsize=4, color=["#9aa5b1"] + ["#3b7dd8"] * (len(rows) - 1))
+    for bar, mean in zip(bars, means):
+        ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean), ha="center", va="bottom",
+                    xytext=(0, 3), textcoords="offset points", fontsize=9)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errors)) + 5))
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """report.md, a PNG chart per task, from the saved cells; the config is read from the run folder."""
+    run_dir = Path(run_dir)
+    cells = read_cells(run_dir)
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    lines = [f"# tandem experiment: {config.get('task', '?')} on {config.get('model', '?')}", ""]
+    for task in sorted({c.task for c in cells}):
+        rows = summarize([c for c in cells if c.task == task])
+        seeds = max(r["seeds"] for r in rows)
+        chart = plot(rows, f"{task}, {config.get('model', '')}, mean ± std over {seeds} seed(s)", run_dir / f"{task}.png")
+        lines += [f"## {task}", "", f"![{task}]({chart.name})", "",
+                  "| strategy | test % (mean ± std) | val % | seeds | time per cell (s) | notes |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
+            lines.append(f"| {r['strategy']} | {test} | {r['val_mean']:.1f} | {r['seeds']} | {r['seconds']:.0f} | "
+                         f"{'; '.join(r['notes'])} |")
+        lines.append("")
+    lines += ["## Settings", "", "```json", json.dumps(config, indent=1), "```", "",
+              "Cells: `cells.csv` and `cells.json` (one row per strategy and seed). The time of a cell is its own",
+              "last step; steps shared with a shorter strategy are counted once, where they were computed."]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def table(run_dir: str | Path) -> str:
+    rows = summarize(read_cells(Path(run_dir)))
+    out = [f"{'strategy':<10}{'test % mean ± std':>20}{'val %':>8}{'seeds':>7}"]
+    for r in rows:
+        test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
+        out.append(f"{r['strategy']:<10}{test:>20}{r['val_mean']:>8.1f}{r['seeds']:>7}")
+    return "\n".join(out)
+
+
+__all__ = ["STRATEGIES", "BUDGETS", "Budget", "resolve_budget", "parse_strategies", "run_grid", "write_report",
+           "read_cells", "summarize", "table", "load_step", "prefix_name"]

@@ -1,0 +1,83 @@
+"""The experiment grid with a scripted LM: shared prefixes, resume, budgets, and the report."""
+
+import json
+
+import pytest
+
+from tandem import ScriptedLM
+from tandem.experiments import (
+    BUDGETS, STRATEGIES, Cell, parse_strategies, read_cells, resolve_budget, run_grid, summarize, write_report,
+)
+from tandem.tasks.base import Task
+
+from test_optimizers import Double, data, metric, smart
+
+
+def task():
+    return Task("double", data([1, 2, 4, 6, 8]), data([3, 10]), data([5, 12, 14]), Double, metric)
+
+
+def budget():
+    return resolve_budget("tiny", "double", candidates=1, max_bootstrapped=1, max_labeled=0, epochs=1)
+
+
+def test_budget_presets_resolve_and_overrides_win():
+    assert resolve_budget("paper", "iris").train_size == 15 and resolve_budget("paper", "iris").val_size == 35
+    assert resolve_budget("paper", "gsm8k").val_size == 250 and resolve_budget("paper", "gsm8k").rank == 32
+    b = resolve_budget("tiny", "gsm8k", epochs=7, val_size=None)
+    assert b.epochs == 7 and b.val_size == BUDGETS["tiny"].val_size
+    with pytest.raises(ValueError, match="unknown budget 'huge'"):
+        resolve_budget("huge", "iris")
+    with pytest.raises(ValueError, match="budget.epochs"):
+        resolve_budget("tiny", "iris", epochs=0)
+
+
+def test_strategy_selection():
+    assert list(parse_strategies("all")) == list(STRATEGIES)
+    assert parse_strategies("vanilla, p -> w, w->w") == {"vanilla": "", "Π→Θ": "p -> w", "Θ→Θ": "w -> w"}
+    with pytest.raises(ValueError, match="joined by '->'"):
+        parse_strategies("p, q")
+
+
+def test_grid_computes_shared_prefixes_once(tmp_path):
+    lm = ScriptedLM(smart, trainable=True)
+    cells = run_grid(task(), Double(), lm, parse_strategies("all"), [0], budget(), tmp_path, threads=4, progress=False)
+    assert [c.strategy for c in cells] == list(STRATEGIES)
+    steps = sorted(p.name for p in (tmp_path / "seed-0").iterdir() if (p / "step.json").exists())
+    # 8 strategies, but only 8 distinct prefixes: zero-shot, p, w, p-w, w-p, p-w-p, p-p, w-w
+    assert steps == sorted(["zero-shot", "p", "w", "p-w", "w-p", "p-w-p", "p-p", "w-w"])
+    assert len(lm.finetuned) == 3  # w, p-w, w-w: each weight step trained once
+    by = {c.strategy: c for c in cells}
+    assert by["vanilla"].val == 50.0 and by["Π"].val == 100.0
+
+
+def test_interrupted_grid_resumes_and_a_finished_grid_only_reads(tmp_path):
+    first = ScriptedLM(smart, trainable=True)
+    run_grid(task(), Double(), first, parse_strategies("vanilla, p, p -> w"), [0, 1], budget(), tmp_path,
+             threads=4, progress=False)
+    (tmp_path / "seed-1" / "p-w" / "step.json").unlink()  # killed during seed 1's last cell
+    second = ScriptedLM(smart, trainable=True)
+    cells = run_grid(task(), Double(), second, parse_strategies("vanilla, p, p -> w"), [0, 1], budget(), tmp_path,
+                     threads=4, progress=False)
+    assert len(second.finetuned) == 1 and len(cells) == 6
+    third = ScriptedLM(smart, trainable=True)
+    run_grid(task(), Double(), third, parse_strategies("vanilla, p, p -> w"), [0, 1], budget(), tmp_path,
+             threads=4, progress=False)
+    assert third.requests == [] and third.finetuned == []
+
+
+def test_report_from_saved_cells(tmp_path):
+    from tandem.experiments import write_cells
+
+    cells = [Cell("iris", "vanilla", s, 10.0, t, 5.0, 5.0) for s, t in [(0, 20.0), (1, 40.0)]]
+    cells += [Cell("iris", "Π", s, 50.0, t, 9.0, 14.0, "n") for s, t in [(0, 60.0), (1, 70.0)]]
+    write_cells(tmp_path, cells)
+    (tmp_path / "config.json").write_text(json.dumps({"task": "iris", "model": "m"}))
+    rows = summarize(read_cells(tmp_path))
+    assert [r["strategy"] for r in rows] == ["vanilla", "Π"]
+    assert rows[0]["test_mean"] == 30.0 and rows[0]["test_std"] == pytest.approx(14.142, abs=1e-3)
+    report = write_report(tmp_path).read_text()
+    assert "| vanilla | 30.0 ± 14.1 |" in report and "| Π | 65.0 ± 7.1 |" in report
+    png = (tmp_path / "iris.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert (tmp_path / "cells.csv").read_text().splitlines()[0].startswith("task,strategy,seed")
