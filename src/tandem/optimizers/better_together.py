@@ -171,7 +171,7 @@ def better_together(
         done = load_step(program, folder)
         if done is not None:
             current, record = done
-            log.info("step %s already finished: val %.1f%%", record.label, record.val)
+            log.info("step %s already finished in %s (val %.1f%%): not redone", record.label, folder, record.val)
             records.append(record)
             continue
         started = time.perf_counter()
@@ -190,7 +190,8 @@ def better_together(
         tmp.write_text(json.dumps(asdict(record), indent=1, ensure_ascii=False))
         tmp.replace(folder / "step.json")  # written last: its presence means the step is finished
         records.append(record)
-        log.info("step %s: val %.1f%%", record.label, record.val)
+        log.info("step %s finished: val %.1f%%, test %s", record.label, record.val,
+                 "-" if record.test is None else f"{record.test:.1f}%")
 
     best = max(records, key=lambda r: r.val)  # selection never looks at test; ties go to the earlier step
     best_program = load_step(program, run_dir / best.prefix)[0]
