@@ -34,7 +34,7 @@ class LoraSettings:
     learning_rate: float = 3e-4
     epochs: int = 3
     batch_size: int = 8  # sequences per optimizer step
-    micro_batch_size: int = 4
+    micro_batch_size: int = 1  # fastest on a CPU (bench/finetune.py): no padding to compute
     max_length: int = 1024  # longer examples are cut from the left of the prompt
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
