@@ -73,3 +73,11 @@ def test_lora_settings_name_the_bad_field():
         LoraSettings(rank=0)
     with pytest.raises(ValueError, match="lora.learning_rate"):
         LoraSettings(learning_rate=2.0)
+
+
+def test_a_handful_of_examples_still_gets_several_optimizer_steps(tiny_model_dir, tmp_path):
+    lm = LocalLM(tiny_model_dir, dtype="float32")
+    settings = LoraSettings(epochs=2, batch_size=8, micro_batch_size=1)
+    report = lm.finetune(conversations()[:3], tmp_path / "adapter", settings, progress=False)
+    assert report.steps == 6  # batch shrinks to 1 for 3 examples: 3 steps an epoch, not one step in all
+    lm.close()

@@ -139,7 +139,10 @@ def train_lora(
         p.data = p.data.float()  # adapter weights in fp32 whatever the base dtype
         p.requires_grad_(True)
 
-    accumulate = max(1, settings.batch_size // settings.micro_batch_size)
+    # A handful of examples (a weak model passes few runs) still gets several optimizer steps per
+    # epoch: the effective batch shrinks to half the data when the data is smaller than two batches.
+    batch = max(settings.micro_batch_size, min(settings.batch_size, len(rows) // 2))
+    accumulate = max(1, batch // settings.micro_batch_size)
     per_epoch = math.ceil(len(rows) / settings.micro_batch_size)
     total_micro = per_epoch * settings.epochs
     total_steps = math.ceil(total_micro / accumulate)
