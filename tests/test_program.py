@@ -99,3 +99,10 @@ def test_example_inputs_and_labels():
     assert ex.answer == "a"
     with pytest.raises(KeyError):
         Example(question="q", inputs=("missing",))
+
+
+def test_state_pointing_at_a_missing_adapter_is_refused(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"adapter": "gone", "predictors": {}}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_state(path)

@@ -247,6 +247,8 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a tandem program state (no 'predictors' key)")
     if state.get("adapter"):
         state["adapter"] = str((path.parent / state["adapter"]).resolve())
+        if not Path(state["adapter"]).is_dir():
+            raise FileNotFoundError(f"{path} points at adapter folder {state['adapter']}, which does not exist")
     return state
 
 
