@@ -80,3 +80,11 @@ def test_placeholder_reply_parses_back():
     sig = cot("context, question -> search_query")
     reply = placeholder_reply(render_messages(sig, [], {"context": [], "question": "q"}))
     assert set(parse_reply(sig, reply)) == {"reasoning", "search_query"}
+
+
+def test_empty_fields_are_left_out_of_demos_and_replies():
+    from tandem.prompts import render_reply
+
+    sig = cot("question -> answer")
+    assert render_reply(sig, {"reasoning": "", "answer": "4"}) == "Answer: 4"
+    assert render_messages(sig, [{"question": "q", "reasoning": "", "answer": "4"}], {"question": "x"})[2]["content"] == "Answer: 4"

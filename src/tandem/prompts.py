@@ -31,7 +31,8 @@ def _format_value(value: object) -> str:
 def _render_fields(fields: Sequence[Field], values: Mapping[str, object]) -> str:
     parts = []
     for f in fields:
-        if f.name in values and values[f.name] is not None:
+        # An absent or empty field is left out: a demo or training target never shows "Reasoning: " with nothing.
+        if values.get(f.name) not in (None, ""):
             value = _format_value(values[f.name])
             sep = "\n" if "\n" in value else " "
             parts.append(f"{f.label}:{sep}{value}")
