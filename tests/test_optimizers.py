@@ -138,6 +138,7 @@ def test_weight_step_trains_one_adapter_on_every_modules_calls(tmp_path):
     assert sorted({r["module"] for r in rows}) == ["answer", "rewrite"]
     assert result.program.adapter == str((tmp_path / "adapter").resolve())
     assert all(not p.demos for p in result.program.predictors())
+    assert result.summary()["with_demos"] is False and "without demos" in result.notes[0]
 
 
 def test_weight_step_needs_an_lm_that_can_finetune(tmp_path):
@@ -186,3 +187,14 @@ def test_better_together_with_a_weight_step_that_finds_nothing_goes_on(tmp_path)
     assert [s.prefix for s in result.steps] == ["zero-shot", "w", "w-p"]
     assert result.steps[1].details["notes"] == [NO_TRACES]
     assert "no successful traces" in result.table()
+
+
+def test_weight_step_with_demos_trains_and_runs_with_them(tmp_path):
+    lm = ScriptedLM(smart, trainable=True)
+    program = Double()
+    program.answer.demos = [{"rewritten": "9", "reasoning": "r", "double": "18"}]
+    result = bootstrap_finetune(program, lm, data([2]), data([4]), metric, WeightSettings(with_demos=True),
+                                out_dir=tmp_path, progress=False)
+    answer_calls = [c for c in lm.finetuned[0] if "Double" in c[0]["content"]]
+    assert answer_calls and all(any(m["role"] == "assistant" for m in c[:-1]) for c in answer_calls)
+    assert result.program.answer.demos == program.answer.demos and result.summary()["with_demos"] is True

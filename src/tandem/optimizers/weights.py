@@ -44,10 +44,12 @@ class WeightResult:
     conversations: int
     report: TrainReport | None = None
     notes: list[str] = field(default_factory=list)
+    with_demos: bool = False
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"trained": self.trained, "successful_runs": self.successful_runs,
-                               "conversations": self.conversations, "adapter": self.program.adapter, "notes": self.notes}
+                               "conversations": self.conversations, "adapter": self.program.adapter,
+                               "with_demos": self.with_demos, "notes": self.notes}
         if self.report:
             r = self.report
             out["training"] = {"examples": r.examples, "tokens": r.tokens, "steps": r.steps, "seconds": round(r.seconds, 1),
@@ -92,7 +94,7 @@ def bootstrap_finetune(
     passing = [r.trace for r in runs.results if r.error is None and r.score >= settings.metric_threshold]
     if not passing:
         log.warning("weight step: %s", NO_TRACES)
-        return WeightResult(program.clone(), False, 0, 0, notes=[NO_TRACES])
+        return WeightResult(program.clone(), False, 0, 0, notes=[NO_TRACES], with_demos=settings.with_demos)
 
     rows = training_conversations(program, passing, settings.with_demos)
     with open(out_dir / "train.jsonl", "w") as f:
@@ -109,5 +111,6 @@ def bootstrap_finetune(
     if not settings.with_demos:
         for predictor in new.predictors():
             predictor.demos = []
-    notes = [f"trained on {len(rows)} module calls from {len(passing)} passing runs"]
-    return WeightResult(new, True, len(passing), len(rows), report, notes)
+    demos = "with" if settings.with_demos else "without"
+    notes = [f"trained on {len(rows)} module calls from {len(passing)} passing runs, prompts {demos} demos"]
+    return WeightResult(new, True, len(passing), len(rows), report, notes, settings.with_demos)
