@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from .lm.base import LM, Message, Request
 from .prompts import ParseError, parse_reply, render_messages, stop_strings
