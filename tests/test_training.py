@@ -81,3 +81,12 @@ def test_a_handful_of_examples_still_gets_several_optimizer_steps(tiny_model_dir
     report = lm.finetune(conversations()[:3], tmp_path / "adapter", settings, progress=False)
     assert report.steps == 6  # batch shrinks to 1 for 3 examples: 3 steps an epoch, not one step in all
     lm.close()
+
+
+def test_training_again_after_serving_an_adapter(trained, tmp_path):
+    lm, first, _, _, after = trained  # the fixture generated with `first`, loading it during inference
+    settings = LoraSettings(rank=4, alpha=8, learning_rate=1e-2, epochs=2, batch_size=4, micro_batch_size=4, seed=1)
+    report = lm.finetune(conversations(), tmp_path / "second", settings, progress=False)
+    assert report.steps > 0 and (tmp_path / "second" / "adapter_model.safetensors").exists()
+    again = [c.text for c in lm.generate([Request(r.messages, r.max_new_tokens, adapter=str(first)) for r in prompts()])]
+    assert again == after  # the first adapter still serves the same replies

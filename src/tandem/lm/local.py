@@ -171,10 +171,13 @@ class LocalLM:
             from peft import PeftModel
 
             name = "a" + hashlib.sha256(repr(key).encode()).hexdigest()[:12]
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(folder), adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+            # Loaded as ordinary tensors even from inside generation's inference mode: a later
+            # fine-tune touches every adapter's requires_grad, which inference tensors refuse.
+            with torch.inference_mode(False):
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(folder), adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
             self.model.eval()
             self._adapters[key] = name
             log.info("loaded adapter %s as %s", folder, name)
