@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from .lm.base import LM
 from .lm.training import LoraSettings
-from .optimizers.better_together import OptimizeSettings, better_together, load_step, parse_strategy, prefix_name
+from .optimizers.better_together import OptimizeSettings, better_together, parse_strategy
 from .optimizers.prompts import PromptSettings
 from .optimizers.weights import WeightSettings
 from .program import Program
@@ -243,4 +243,4 @@ def table(run_dir: str | Path) -> str:
 
 
 __all__ = ["STRATEGIES", "BUDGETS", "Budget", "resolve_budget", "parse_strategies", "run_grid", "write_report",
-           "read_cells", "summarize", "table", "load_step", "prefix_name"]
+           "read_cells", "summarize", "table"]
