@@ -109,6 +109,24 @@ def test_labeled_only_candidate_and_teacher_use_labels_where_fields_allow():
     assert result.best == "labeled-only" and len(result.program.solve.demos) == 2
 
 
+def test_module_labels_give_intermediate_modules_labeled_demos():
+    def labeled(n):
+        labels = {"rewrite": {"number": n, "rewritten": str(n)}, "answer": {"rewritten": str(n), "double": str(2 * n)}}
+        return Example(number=n, module_labels=labels, inputs=("number",))
+
+    train = [labeled(n) for n in (1, 3, 5)] + data([7])  # odd numbers pass only with demos; 7 has no labels
+    lm = ScriptedLM(smart)
+    result = bootstrap_fewshot_rs(Double(), lm, train, data([9, 11]), metric, PromptSettings(0, 2, 0), seed=3,
+                                  progress=False)
+    assert [c.name for c in result.candidates] == ["zero-shot", "labeled-only"]
+    assert result.successful_runs == 4  # the teacher ran with labeled demos on both modules
+    assert result.best == "labeled-only"
+    demos = result.program.get_state()["predictors"]
+    for demo in demos["answer"]["demos"]:
+        assert int(demo["double"]) == 2 * int(demo["rewritten"]) and int(demo["rewritten"]) in (1, 3, 5)
+    assert len(demos["rewrite"]["demos"]) == 2 and "number" not in demos["answer"]["demos"][0]
+
+
 def test_program_given_to_an_optimizer_is_not_changed():
     program = Double()
     before = json.dumps(program.get_state())

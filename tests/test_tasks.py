@@ -78,3 +78,20 @@ def test_retriever_finds_the_gold_paragraph():
     hits = program.retriever("Scott Derrickson American director", 3)
     assert hits[0].startswith("Scott Derrickson |")
     assert program.retriever("zzqx qqzv", 3) == []
+
+
+def test_hotpotqa_labels_every_module_from_the_gold_paragraphs():
+    task = load_task("hotpotqa")
+    labeled = [e for e in task.train if "module_labels" in e]
+    assert len(labeled) > 100  # rows without gold titles have none
+    program = task.make_program()
+    retriever = program.retriever
+    for example in labeled[:20]:
+        assert set(example.module_labels) == {name for name, _ in program.named_predictors()}
+        hop1, hop2, answer = (example.module_labels[k] for k in ("generate_query[0]", "generate_query[1]", "generate_answer"))
+        assert sorted([hop1["search_query"], hop2["search_query"]]) == sorted(example.gold_titles)
+        assert hop1["context"] == [] and hop2["context"] == answer["context"][:1]
+        assert answer["answer"] == example.answer and answer["context"][1].startswith(hop2["search_query"] + " | ")
+        ranked = retriever(example.question, 20)
+        rank = {p: ranked.index(p) if p in ranked else 20 for p in answer["context"]}
+        assert rank[answer["context"][0]] <= rank[answer["context"][1]]  # hop 1: what the question finds better

@@ -21,8 +21,16 @@ from .signatures import REASONING, Signature, ensure_signature
 STATE_VERSION = 1
 
 
+MODULE_LABELS = "module_labels"
+
+
 class Example(dict):
-    """A labeled example: a dict of fields, with `inputs` naming the ones a program receives."""
+    """A labeled example: a dict of fields, with `inputs` naming the ones a program receives.
+
+    Where a dataset labels intermediate steps too, `example["module_labels"]` maps a predictor's
+    name to a complete demo for it (inputs and outputs); prompt optimization uses it as that
+    module's labeled demo. Metrics see only the final labels.
+    """
 
     def __init__(self, data: Mapping[str, Any] | None = None, *, inputs: tuple[str, ...] = (), **fields: Any):
         super().__init__(data or {}, **fields)

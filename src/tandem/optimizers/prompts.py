@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from ..evaluate import Metric, evaluate
 from ..lm.base import LM
-from ..program import Example, Program
+from ..program import MODULE_LABELS, Example, Program
 from ..signatures import REASONING
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,13 @@ def labeled_fields(program: Program) -> dict[str, list[str]]:
 
 
 def labeled_demos(program: Program, examples: Sequence[Example], k: int, rng: random.Random) -> dict[str, list[dict]]:
+    """Up to k demos per predictor from examples that label all its fields, or carry module labels for it."""
     demos: dict[str, list[dict]] = {}
     for name, fields in labeled_fields(program).items():
-        usable = [e for e in examples if all(f in e for f in fields)]
-        extra = [f for f in (REASONING.name,) if all(f in e for e in usable)]
-        demos[name] = [{f: e[f] for f in fields + extra} for e in rng.sample(usable, min(k, len(usable)))]
+        rows = [e.get(MODULE_LABELS, {}).get(name, e) for e in examples]
+        usable = [row for row in rows if all(f in row for f in fields)]
+        extra = [f for f in (REASONING.name,) if all(f in row for row in usable)]
+        demos[name] = [{f: row[f] for f in fields + extra} for row in rng.sample(usable, min(k, len(usable)))]
     return demos
 
 

@@ -10,8 +10,9 @@ import random
 import re
 import string
 from collections import Counter
+from typing import Sequence
 
-from ..program import ChainOfThought, Example, Prediction, Program, Run
+from ..program import MODULE_LABELS, ChainOfThought, Example, Prediction, Program, Run
 from ..retrieve import BM25Retriever
 from .base import SPLIT_SEED, Task, find_data_file, read_jsonl
 
@@ -59,13 +60,33 @@ def f1(example: Example, prediction: Prediction) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def gold_module_labels(question: str, answer: str, gold: Sequence[str], retriever: BM25Retriever) -> dict[str, dict]:
+    """Labels for every module from the two gold paragraphs, so Π has labeled demos to start from.
+
+    The paragraph that the question itself retrieves better is hop 1 (its title is the query); the
+    other, usually the bridge entity, is hop 2's query, read from hop 1's paragraph. The answer
+    module sees both. Only final answers are labeled in the paper's setup; HotPotQA also labels
+    its supporting paragraphs, and these labels use them for demos only, never for scoring.
+    """
+    ranked = retriever(question, k=20)
+    first, second = sorted(gold, key=lambda p: ranked.index(p) if p in ranked else len(ranked))
+    return {
+        "generate_query[0]": {"context": [], "question": question, "search_query": first.split(" | ", 1)[0]},
+        "generate_query[1]": {"context": [first], "question": question, "search_query": second.split(" | ", 1)[0]},
+        "generate_answer": {"context": [first, second], "question": question, "answer": answer},
+    }
+
+
 def load(data_dir: str | None = None) -> Task:
     corpus = list(read_jsonl(find_data_file("hotpotqa/corpus.jsonl", data_dir)))
-    retriever = BM25Retriever([f"{d['title']} | {d['text']}" for d in corpus])
-    rows = [
-        Example(question=r["question"], answer=r["answer"], gold_titles=r.get("gold_titles", []), inputs=("question",))
-        for r in read_jsonl(find_data_file("hotpotqa/questions.jsonl", data_dir))
-    ]
+    passages = {d["title"]: f"{d['title']} | {d['text']}" for d in corpus}
+    retriever = BM25Retriever(list(passages.values()))
+    rows = []
+    for r in read_jsonl(find_data_file("hotpotqa/questions.jsonl", data_dir)):
+        gold = [passages[t] for t in r.get("gold_titles") or [] if t in passages]
+        labels = {MODULE_LABELS: gold_module_labels(r["question"], r["answer"], gold, retriever)} if len(gold) == 2 else {}
+        rows.append(Example(question=r["question"], answer=r["answer"], gold_titles=r.get("gold_titles") or [], **labels,
+                            inputs=("question",)))
     random.Random(SPLIT_SEED).shuffle(rows)
     train, val, test = rows[:TRAIN_SIZE], rows[TRAIN_SIZE : TRAIN_SIZE + VAL_SIZE], rows[TRAIN_SIZE + VAL_SIZE :]
     return Task("hotpotqa", train, val, test, lambda: MultiHopQA(retriever), metric)
