@@ -143,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for r in result.results:
                 row = {"example": dict(r.example), "prediction": r.prediction, "score": r.score, "error": r.error,
                        "trace": [trace_as_dict(t) for t in r.trace]}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"per-example results: {args.output}")
     return 0
 
@@ -191,13 +191,13 @@ def check_run_config(run_dir: Path, config: dict) -> None:
     """A run folder holds one configuration; the strategy may grow, anything else must match."""
     path = run_dir / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(old) | set(config) if k != "strategy" and old.get(k) != config.get(k))
         if changed:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
             raise ValueError(f"{run_dir} holds a run with another configuration ({detail}); use another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=1) + "\n")
+    path.write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

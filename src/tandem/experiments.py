@@ -147,7 +147,7 @@ def run_grid(
 
 
 def write_cells(run_dir: Path, cells: Sequence[Cell]) -> None:
-    (run_dir / "cells.json").write_text(json.dumps([asdict(c) for c in cells], indent=1, ensure_ascii=False))
+    (run_dir / "cells.json").write_text(json.dumps([asdict(c) for c in cells], indent=1, ensure_ascii=False), encoding="utf-8")
     with open(run_dir / "cells.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(cells[0])))
         writer.writeheader()
@@ -158,7 +158,7 @@ def read_cells(run_dir: Path) -> list[Cell]:
     path = Path(run_dir) / "cells.json"
     if not path.exists():
         raise FileNotFoundError(f"no results in {run_dir}: run `tandem experiment --run-dir {run_dir}` first")
-    return [Cell(**c) for c in json.loads(path.read_text())]
+    return [Cell(**c) for c in json.loads(path.read_text(encoding="utf-8"))]
 
 
 def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
@@ -212,7 +212,7 @@ def write_report(run_dir: str | Path) -> Path:
     """report.md, a PNG chart per task, from the saved cells; the config is read from the run folder."""
     run_dir = Path(run_dir)
     cells = read_cells(run_dir)
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8")) if (run_dir / "config.json").exists() else {}
     lines = [f"# tandem experiment: {config.get('task', '?')} on {config.get('model', '?')}", ""]
     for task in sorted({c.task for c in cells}):
         rows = summarize([c for c in cells if c.task == task])
@@ -225,11 +225,11 @@ def write_report(run_dir: str | Path) -> Path:
             lines.append(f"| {r['strategy']} | {test} | {r['val_mean']:.1f} | {r['seeds']} | {r['seconds']:.0f} | "
                          f"{'; '.join(r['notes'])} |")
         lines.append("")
-    lines += ["## Settings", "", "```json", json.dumps(config, indent=1), "```", "",
+    lines += ["## Settings", "", "```json", json.dumps(config, indent=1, ensure_ascii=False), "```", "",
               "Cells: `cells.csv` and `cells.json` (one row per strategy and seed). The time of a cell is its own",
               "last step; steps shared with a shorter strategy are counted once, where they were computed."]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 

@@ -233,7 +233,7 @@ class Program(Module):
         if self.adapter:
             state["adapter"] = os.path.relpath(Path(self.adapter).resolve(), path.parent.resolve())
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(state, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tmp.replace(path)
         return path
 
@@ -246,7 +246,7 @@ class Program(Module):
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"program state file not found: {path}") from None
     except json.JSONDecodeError as exc:

@@ -142,7 +142,7 @@ def load_step(program: Program, folder: Path) -> tuple[Program, StepRecord] | No
     marker = folder / "step.json"
     if not marker.exists():
         return None
-    record = StepRecord(**json.loads(marker.read_text()))
+    record = StepRecord(**json.loads(marker.read_text(encoding="utf-8")))
     return program.with_state(load_state(folder / "program.json")), record
 
 
@@ -187,7 +187,7 @@ def better_together(
                             time.perf_counter() - started, val_errors, test_errors, details)
         current.save(folder / "program.json")
         tmp = folder / "step.json.tmp"
-        tmp.write_text(json.dumps(asdict(record), indent=1, ensure_ascii=False))
+        tmp.write_text(json.dumps(asdict(record), indent=1, ensure_ascii=False), encoding="utf-8")
         tmp.replace(folder / "step.json")  # written last: its presence means the step is finished
         records.append(record)
         log.info("step %s finished: val %.1f%%, test %s", record.label, record.val,
@@ -196,6 +196,6 @@ def better_together(
     best = max(records, key=lambda r: r.val)  # selection never looks at test; ties go to the earlier step
     best_program = load_step(program, run_dir / best.prefix)[0]
     result = BetterTogetherResult(best_program, best.prefix, records)
-    (run_dir / "results.json").write_text(json.dumps(
-        {"strategy": pretty(steps), "best": best.prefix, "steps": [asdict(r) for r in records]}, indent=1, ensure_ascii=False))
+    summary = {"strategy": pretty(steps), "best": best.prefix, "steps": [asdict(r) for r in records]}
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     return result
