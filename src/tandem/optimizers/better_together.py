@@ -165,15 +165,17 @@ def better_together(
     run_dir.mkdir(parents=True, exist_ok=True)
     records: list[StepRecord] = []
     current = program
-    for depth in range(len(steps) + 1):
+    finished = 0  # the leading steps already done in run_dir
+    while finished <= len(steps) and (done := load_step(program, run_dir / prefix_name(steps[:finished]))):
+        current, record = done
+        records.append(record)
+        finished += 1
+    if finished:
+        log.info("reusing finished steps in %s: %s", run_dir,
+                 ", ".join(f"{r.label} (val {r.val:.1f}%)" for r in records))
+    for depth in range(finished, len(steps) + 1):
         prefix = steps[:depth]
         folder = run_dir / prefix_name(prefix)
-        done = load_step(program, folder)
-        if done is not None:
-            current, record = done
-            log.info("step %s already finished in %s (val %.1f%%): not redone", record.label, folder, record.val)
-            records.append(record)
-            continue
         started = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
         details: dict[str, Any] = {}
