@@ -115,6 +115,7 @@ class Cell:
     seconds: float  # this strategy's own last step
     total_seconds: float  # every step of the strategy, shared prefixes included
     notes: str = ""
+    test_failed: int = 0  # test examples whose run failed (an unparsed reply, say), scored 0
 
 
 def run_grid(
@@ -141,7 +142,8 @@ def run_grid(
                                      run_dir=seed_dir, progress=progress)
             last = result.steps[-1]
             cells.append(Cell(task.name, label, seed, last.val, last.test, last.seconds,
-                              sum(s.seconds for s in result.steps), "; ".join(last.details.get("notes", []))))
+                              sum(s.seconds for s in result.steps), "; ".join(last.details.get("notes", [])),
+                              last.test_errors))
     write_cells(run_dir, cells)
     return cells
 
@@ -177,6 +179,7 @@ def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
             "test_mean": statistics.mean(tests) if tests else None,
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "val_mean": statistics.mean(vals),
+            "failed": statistics.mean(c.test_failed for c in group),
             "seconds": statistics.mean(c.seconds for c in group),
             "notes": sorted({c.notes for c in group if c.notes}),
         })
@@ -219,15 +222,18 @@ def write_report(run_dir: str | Path) -> Path:
         seeds = max(r["seeds"] for r in rows)
         chart = plot(rows, f"{task}, {config.get('model', '')}, mean ± std over {seeds} seed(s)", run_dir / f"{task}.png")
         lines += [f"## {task}", "", f"![{task}]({chart.name})", "",
-                  "| strategy | test % (mean ± std) | val % | seeds | time per cell (s) | notes |", "|---|---|---|---|---|---|"]
+                  "| strategy | test % (mean ± std) | val % | failed runs (test) | seeds | time per cell (s) | notes |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-            lines.append(f"| {r['strategy']} | {test} | {r['val_mean']:.1f} | {r['seeds']} | {r['seconds']:.0f} | "
+            lines.append(f"| {r['strategy']} | {test} | {r['val_mean']:.1f} | {r['failed']:.1f} | {r['seeds']} | {r['seconds']:.0f} | "
                          f"{'; '.join(r['notes'])} |")
         lines.append("")
     lines += ["## Settings", "", "```json", json.dumps(config, indent=1, ensure_ascii=False), "```", "",
               "Cells: `cells.csv` and `cells.json` (one row per strategy and seed). The time of a cell is its own",
-              "last step; steps shared with a shorter strategy are counted once, where they were computed."]
+              "last step; steps shared with a shorter strategy are counted once, where they were computed.",
+              "Failed runs are test examples whose program run failed (an unparseable reply, say), mean over seeds;",
+              "they score 0."]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -235,10 +241,10 @@ def write_report(run_dir: str | Path) -> Path:
 
 def table(run_dir: str | Path) -> str:
     rows = summarize(read_cells(Path(run_dir)))
-    out = [f"{'strategy':<10}{'test % mean ± std':>20}{'val %':>8}{'seeds':>7}"]
+    out = [f"{'strategy':<10}{'test % mean ± std':>20}{'val %':>8}{'failed':>8}{'seeds':>7}"]
     for r in rows:
         test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-        out.append(f"{r['strategy']:<10}{test:>20}{r['val_mean']:>8.1f}{r['seeds']:>7}")
+        out.append(f"{r['strategy']:<10}{test:>20}{r['val_mean']:>8.1f}{r['failed']:>8.1f}{r['seeds']:>7}")
     return "\n".join(out)
 
 
