@@ -226,8 +226,9 @@ def write_report(run_dir: str | Path) -> Path:
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-            lines.append(f"| {r['strategy']} | {test} | {r['val_mean']:.1f} | {r['failed']:.1f} | {r['seeds']} | {r['seconds']:.0f} | "
-                         f"{'; '.join(r['notes'])} |")
+            cols = [r["strategy"], test, f"{r['val_mean']:.1f}", f"{r['failed']:.1f}", r["seeds"], f"{r['seconds']:.0f}",
+                    "; ".join(r["notes"])]
+            lines.append("| " + " | ".join(map(str, cols)) + " |")
         lines.append("")
     lines += ["## Settings", "", "```json", json.dumps(config, indent=1, ensure_ascii=False), "```", "",
               "Cells: `cells.csv` and `cells.json` (one row per strategy and seed). The time of a cell is its own",
