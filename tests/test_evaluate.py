@@ -4,7 +4,7 @@ import pytest
 
 from tandem import ChainOfThought, Example, Program, ScriptedLM, evaluate
 from tandem.evaluate import ErrorBudgetExceeded
-from tandem.lm.batching import DynamicBatcher
+from tandem.lm.batching import Cancelled, DynamicBatcher
 
 
 class Echo(Program):
@@ -90,3 +90,51 @@ def test_batcher_hands_errors_to_every_caller():
     batcher = DynamicBatcher(run_batch, max_batch=4, max_wait=0.0)
     with pytest.raises(RuntimeError, match="engine down"):
         batcher.submit([1, 2])
+
+
+def test_cancel_fails_waiting_calls_and_stops_the_running_batch():
+    started, seen = threading.Event(), []
+
+    def run_batch(items):
+        started.set()
+        while not batcher.cancelling:  # a long batch that checks between steps, like the decode loop
+            threading.Event().wait(0.01)
+        seen.append(items)
+        raise Cancelled("stopped")
+
+    batcher = DynamicBatcher(run_batch, max_batch=2, max_wait=0.0)
+    errors = []
+
+    def call(i):
+        try:
+            batcher.submit([i])
+        except Cancelled as exc:
+            errors.append(str(exc))
+
+    first = threading.Thread(target=call, args=(1,))
+    first.start()
+    started.wait(5)
+    second = threading.Thread(target=call, args=(2,))  # waits behind the running batch
+    second.start()
+    while not batcher._pending:
+        threading.Event().wait(0.01)
+    batcher.cancel()
+    first.join(5)
+    second.join(5)
+    assert sorted(errors) == ["cancelled before it ran", "stopped"] and seen == [[1]]
+
+
+def test_an_interrupted_evaluation_cancels_the_lm():
+    class Cancellable(ScriptedLM):
+        cancelled = 0
+
+        def cancel(self):
+            self.cancelled += 1
+
+    def interrupt(example, prediction):
+        raise KeyboardInterrupt
+
+    lm = Cancellable(reply)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Echo(), lm, [Example(question="a", answer="A", inputs=("question",))], interrupt, progress=False)
+    assert lm.cancelled == 1

@@ -64,6 +64,29 @@ def test_per_request_token_limits_and_stops(lm):
         assert cut not in stopped and full.startswith(stopped)
 
 
+def test_cancel_stops_a_long_generation_within_a_step_and_the_engine_goes_on(lm):
+    import threading
+
+    from tandem.lm.batching import Cancelled
+
+    errors = []
+
+    def long_generation():
+        try:
+            lm.generate(requests(max_new_tokens=1000))  # the random tiny model does not stop by itself
+        except Cancelled as exc:
+            errors.append(str(exc))
+
+    worker = threading.Thread(target=long_generation)
+    worker.start()
+    threading.Event().wait(0.5)
+    lm.cancel()
+    worker.join(60)
+    assert len(errors) == 1 and "generation cancelled after" in errors[0]
+    assert int(errors[0].split("after ")[1].split()[0]) < 1000
+    assert lm.generate(requests(max_new_tokens=4))[0].completion_tokens <= 4  # later calls run as usual
+
+
 def test_two_adapters_on_one_base_switch_without_reload(lm, tiny_model_dir, tmp_path):
     a = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
     b = make_adapter(tiny_model_dir, tmp_path / "b", seed=2)

@@ -111,9 +111,12 @@ def evaluate(
                         )
                 bar.update(1)
                 bar.set_postfix(score=f"{100 * correct / finished:.1f}%", failed=errors, refresh=False)
-        except BaseException:
+        except BaseException:  # Ctrl-C or the error budget: stop now, not when the running batch ends
             for f in futures:
                 f.cancel()
+            cancel = getattr(lm, "cancel", None)
+            if cancel is not None:
+                cancel()
             raise
         finally:
             bar.close()

@@ -18,6 +18,10 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 
+class Cancelled(Exception):
+    """The batch was cancelled (the user pressed Ctrl-C, say) before it finished."""
+
+
 class DynamicBatcher(Generic[In, Out]):
     def __init__(self, run_batch: Callable[[list[In]], list[Out]], max_batch: int = 32, max_wait: float = 0.02):
         self.run_batch = run_batch
@@ -27,6 +31,12 @@ class DynamicBatcher(Generic[In, Out]):
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closed = False
+        self._cancelling = False  # set by cancel(), cleared when the next batch is taken
+
+    @property
+    def cancelling(self) -> bool:
+        """True while the running batch should stop: `run_batch` checks it between steps."""
+        return self._cancelling
 
     def submit(self, items: Sequence[In]) -> list[Out]:
         futures = [Future() for _ in items]
@@ -53,6 +63,7 @@ class DynamicBatcher(Generic[In, Out]):
                     break
                 self._cond.wait(left)
             batch, self._pending = self._pending, []
+            self._cancelling = False
             return batch
 
     def _loop(self) -> None:
@@ -68,6 +79,14 @@ class DynamicBatcher(Generic[In, Out]):
                 log.debug("batch of %d failed: %r", len(batch), exc)
                 for _, fut in batch:
                     fut.set_exception(exc)
+
+    def cancel(self) -> None:
+        """Fail every waiting call and ask the running batch to stop; later calls run as usual."""
+        with self._cond:
+            pending, self._pending = self._pending, []
+            self._cancelling = True
+        for _, fut in pending:
+            fut.set_exception(Cancelled("cancelled before it ran"))
 
     def close(self) -> None:
         with self._cond:

@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .base import Completion, Message, Request, Usage
-from .batching import DynamicBatcher
+from .batching import Cancelled, DynamicBatcher
 from .models import ModelNotFoundError, resolve_model
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,10 @@ class LocalLM:
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         return self._batcher.submit(list(requests))
+
+    def cancel(self) -> None:
+        """Stop the running batch within one decode step and fail the waiting calls (Ctrl-C)."""
+        self._batcher.cancel()
 
     def close(self) -> None:
         self._batcher.close()
@@ -288,6 +292,8 @@ class LocalLM:
         active = list(range(len(limits)))
         rows: list[list[int]] = [[] for _ in limits]
         while True:
+            if self._batcher.cancelling:
+                raise Cancelled(f"generation cancelled after {max(map(len, rows))} tokens")
             if temperature > 0:
                 tokens = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
             else:
