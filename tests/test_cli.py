@@ -97,3 +97,10 @@ def test_experiment_writes_table_report_and_chart_and_report_rebuilds(tiny_model
     again = tandem("report", str(run_dir))
     assert again.returncode == 0 and (run_dir / "report.md").exists()
     assert len(json.loads((run_dir / "cells.json").read_text())) == 4
+    more = tandem("experiment", "--task", "iris", "--model", tiny_model_dir, "--strategies", "vanilla, p", "--seeds", "3",
+                  "--run-dir", str(run_dir), "--budget", "tiny", "--train-size", "3", "--val-size", "3",
+                  "--test-size", "3", "--candidates", "1", "--max-new-tokens", "6", "--threads", "4", env_extra=env)
+    assert more.returncode == 0, more.stderr  # a third seed extends the grid; seeds 0 and 1 are read back
+    assert more.stderr.count("step zero-shot finished") == 1  # seed 2's, which its Π then reuses
+    assert more.stderr.count("reusing finished steps") == 5
+    assert len(json.loads((run_dir / "cells.json").read_text())) == 6

@@ -188,11 +188,11 @@ def optimize_settings(args: argparse.Namespace):
 
 
 def check_run_config(run_dir: Path, config: dict) -> None:
-    """A run folder holds one configuration; the strategy may grow, anything else must match."""
+    """A run folder holds one configuration; strategies and seeds may change (each has its own folders), nothing else."""
     path = run_dir / "config.json"
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(old) | set(config) if k != "strategy" and old.get(k) != config.get(k))
+        changed = sorted(k for k in set(old) | set(config) if k not in ("strategy", "seeds") and old.get(k) != config.get(k))
         if changed:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
             raise ValueError(f"{run_dir} holds a run with another configuration ({detail}); use another --run-dir")
