@@ -115,7 +115,7 @@ class Cell:
     seconds: float  # this strategy's own last step
     total_seconds: float  # every step of the strategy, shared prefixes included
     notes: str = ""
-    test_failed: int = 0  # test examples whose run failed (an unparsed reply, say), scored 0
+    test_failed: int | None = None  # test examples whose run failed (an unparsed reply, say), scored 0
 
 
 def run_grid(
@@ -173,13 +173,14 @@ def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
             continue
         tests = [c.test for c in group if c.test is not None]
         vals = [c.val for c in group]
+        failed = [c.test_failed for c in group if c.test_failed is not None]  # None: results from before it was kept
         rows.append({
             "strategy": label,
             "seeds": len(group),
             "test_mean": statistics.mean(tests) if tests else None,
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "val_mean": statistics.mean(vals),
-            "failed": statistics.mean(c.test_failed for c in group),
+            "failed": statistics.mean(failed) if failed else None,
             "seconds": statistics.mean(c.seconds for c in group),
             "notes": sorted({c.notes for c in group if c.notes}),
         })
@@ -226,7 +227,7 @@ def write_report(run_dir: str | Path) -> Path:
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-            cols = [r["strategy"], test, f"{r['val_mean']:.1f}", f"{r['failed']:.1f}", r["seeds"], f"{r['seconds']:.0f}",
+            cols = [r["strategy"], test, f"{r['val_mean']:.1f}", _number(r["failed"]), r["seeds"], f"{r['seconds']:.0f}",
                     "; ".join(r["notes"])]
             lines.append("| " + " | ".join(map(str, cols)) + " |")
         lines.append("")
@@ -240,12 +241,16 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def table(run_dir: str | Path) -> str:
     rows = summarize(read_cells(Path(run_dir)))
     out = [f"{'strategy':<10}{'test % mean ± std':>20}{'val %':>8}{'failed':>8}{'seeds':>7}"]
     for r in rows:
         test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-        out.append(f"{r['strategy']:<10}{test:>20}{r['val_mean']:>8.1f}{r['failed']:>8.1f}{r['seeds']:>7}")
+        out.append(f"{r['strategy']:<10}{test:>20}{r['val_mean']:>8.1f}{_number(r['failed']):>8}{r['seeds']:>7}")
     return "\n".join(out)
 
 
