@@ -187,7 +187,7 @@ def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot(rows: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
+def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, test_size: int | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,8 +198,10 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
     errors = [r["test_std"] for r in rows]
     fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 2, 4.2))
     bars = ax.bar(labels, means, yerr=errors, capsize=4, color=["#9aa5b1"] + ["#3b7dd8"] * (len(rows) - 1))
-    for bar, mean in zip(bars, means):
-        ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean), ha="center", va="bottom",
+    for bar, mean, row in zip(bars, means, rows):
+        of = f"/{test_size}" if test_size else ""
+        failed = f"\n{row['failed']:.0f}{of} failed" if row.get("failed") else ""  # unparsed runs explain a low bar
+        ax.annotate(f"{mean:.1f}{failed}", (bar.get_x() + bar.get_width() / 2, mean), ha="center", va="bottom",
                     xytext=(0, 3), textcoords="offset points", fontsize=9)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errors)) + 5))
@@ -221,7 +223,8 @@ def write_report(run_dir: str | Path) -> Path:
     for task in sorted({c.task for c in cells}):
         rows = summarize([c for c in cells if c.task == task])
         seeds = max(r["seeds"] for r in rows)
-        chart = plot(rows, f"{task}, {config.get('model', '')}, mean ± std over {seeds} seed(s)", run_dir / f"{task}.png")
+        title = f"{task}, {config.get('model', '')}, mean ± std over {seeds} seed(s)"
+        chart = plot(rows, title, run_dir / f"{task}.png", config.get("resolved", {}).get("test_size"))
         lines += [f"## {task}", "", f"![{task}]({chart.name})", "",
                   "| strategy | test % (mean ± std) | val % | failed runs (test) | seeds | time per cell (s) | notes |",
                   "|---|---|---|---|---|---|---|"]
