@@ -48,6 +48,16 @@ def test_error_budget_stops_the_evaluation():
     assert result.n_errors == 5
 
 
+def test_report_metrics_count_failed_runs_as_zero_and_skip_what_they_cannot_judge():
+    examples = data(3, 1) + [Example(question="qx", answer="", inputs=("question",))]
+    result = evaluate(Echo(), ScriptedLM(reply), examples, exact, progress=False)
+    length = lambda e, p: None if not e.answer else float(len(p.answer) == 2)  # noqa: E731
+    assert result.mean(length) == pytest.approx(75.0)  # 3 of 4 judged examples; the failed one counts 0
+    assert result.mean(lambda e, p: None) == 0.0  # only the failed run is left: it counts 0
+    clean = evaluate(Echo(), ScriptedLM(reply), data(2, 0), exact, progress=False)
+    assert clean.mean(lambda e, p: None) is None
+
+
 def test_a_metric_that_raises_fails_only_that_example():
     def fragile(example, prediction):
         if example.question == "q1":

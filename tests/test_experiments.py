@@ -70,7 +70,8 @@ def test_report_from_saved_cells(tmp_path):
     from tandem.experiments import write_cells
 
     cells = [Cell("iris", "vanilla", s, 10.0, t, 5.0, 5.0) for s, t in [(0, 20.0), (1, 40.0)]]
-    cells += [Cell("iris", "Π", s, 50.0, t, 9.0, 14.0, "n", failed) for s, t, failed in [(0, 60.0, 3), (1, 70.0, 2)]]
+    cells += [Cell("iris", "Π", s, 50.0, t, 9.0, 14.0, "n", failed, {"F1": f1})
+              for s, t, failed, f1 in [(0, 60.0, 3, 40.0), (1, 70.0, 2, 60.0)]]
     write_cells(tmp_path, cells)
     (tmp_path / "config.json").write_text(json.dumps({"task": "iris", "model": "m", "strategy": ["Π→Θ"]}))
     rows = summarize(read_cells(tmp_path))
@@ -78,7 +79,9 @@ def test_report_from_saved_cells(tmp_path):
     assert rows[0]["test_mean"] == 30.0 and rows[0]["test_std"] == pytest.approx(14.142, abs=1e-3)
     report = write_report(tmp_path).read_text(encoding="utf-8")
     assert '"Π→Θ"' in report  # settings are shown as written, not as \\u escapes
-    assert "| vanilla | 30.0 ± 14.1 | 10.0 | - |" in report and "| Π | 65.0 ± 7.1 | 50.0 | 2.5 |" in report
+    assert "| strategy | test % (mean ± std) | F1 % | val % |" in report
+    assert "| vanilla | 30.0 ± 14.1 | - | 10.0 | - |" in report and "| Π | 65.0 ± 7.1 | 50.0 | 50.0 | 2.5 |" in report
     png = (tmp_path / "iris.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert (tmp_path / "cells.csv").read_text().splitlines()[0].startswith("task,strategy,seed")
+    header = (tmp_path / "cells.csv").read_text().splitlines()[0]
+    assert header.startswith("task,strategy,seed") and header.endswith(",test F1")

@@ -168,8 +168,13 @@ def test_better_together_scores_every_step_and_resumes_without_redoing(tmp_path)
     settings = OptimizeSettings(prompts=PromptSettings(1, 0, 1), threads=4)
     args = (data([1, 2, 4, 6]), data([3, 8]), data([5, 10]), metric)
     lm = ScriptedLM(smart, trainable=True)
-    first = better_together(Double(), lm, "p -> w", *args, settings, run_dir=tmp_path, progress=False)
+    small = {"small number": lambda e, p: float(int(p.double) < 10)}  # reported only, never optimized
+    first = better_together(Double(), lm, "p -> w", *args, settings, run_dir=tmp_path, progress=False,
+                            report_metrics=small)
     assert [s.prefix for s in first.steps] == ["zero-shot", "p", "p-w"]
+    # test is [5, 10]: zero-shot doubles only the even one (5 stays 5 < 10); with demos both are doubled
+    assert [s.test_metrics["small number"] for s in first.steps[:2]] == [50.0, 0.0]
+    assert json.loads((tmp_path / "p" / "step.json").read_text())["test_metrics"] == {"small number": 0.0}
     assert first.steps[0].val == 50.0 and first.steps[1].val == 100.0
     assert first.best == "p"  # p-w scores the same on val; ties go to the earlier step
     calls = len(lm.requests)

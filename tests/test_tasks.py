@@ -95,3 +95,24 @@ def test_hotpotqa_labels_every_module_from_the_gold_paragraphs():
         ranked = retriever(example.question, 20)
         rank = {p: ranked.index(p) if p in ranked else 20 for p in answer["context"]}
         assert rank[answer["context"][0]] <= rank[answer["context"][1]]  # hop 1: what the question finds better
+
+
+def test_hotpotqa_program_returns_its_context_and_reports_the_gold_paragraphs_found():
+    from tandem import Example, ScriptedLM, evaluate
+
+    task = load_task("hotpotqa")
+    example = next(e for e in task.test if len(e.gold_titles) == 2)
+    first = example.module_labels["generate_query[0]"]["search_query"]
+
+    def reply(request):  # hop queries name the first gold title; the answer is the gold answer
+        if "Search Query:" in request.messages[0]["content"]:
+            return f"Search Query: {first}"
+        return f"Answer: {example.answer}"
+
+    result = evaluate(task.make_program(), ScriptedLM(reply), [example], task.metric, progress=False)
+    prediction = result.results[0].prediction
+    assert any(p.startswith(first + " | ") for p in prediction.context)
+    found = task.report_metrics["gold paragraphs retrieved"]
+    assert found(example, prediction) in (0.5, 1.0) and result.mean(found) >= 50.0
+    assert result.score == 100.0 and result.mean(task.report_metrics["answer F1"]) == 100.0
+    assert found(Example(question="q", answer="a", gold_titles=[], inputs=("question",)), prediction) is None

@@ -131,6 +131,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         desc=f"{args.task}/{args.split}", temperature=args.temperature, max_new_tokens=args.max_new_tokens,
     )
     print(f"{args.task} {args.split}: {result.summary()}")
+    for name, m in task.report_metrics.items():
+        value = result.mean(m)
+        print(f"  {name}: {'-' if value is None else f'{value:.1f}%'}")
     u = result.usage
     gen = u.get("engine_completion_tokens", u.get("completion_tokens", 0))
     hits = u.get("cache_hits", 0)
@@ -215,7 +218,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
               "settings": settings.to_dict()}
     check_run_config(run_dir, config)
     lm = _lm(args)
-    result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, settings, run_dir=run_dir)
+    result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, settings, run_dir=run_dir,
+                             report_metrics=task.report_metrics)
     print(f"{args.task} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test)")
     print(result.table())
     print(f"best program: {run_dir / result.best / 'program.json'}; all results: {run_dir / 'results.json'}")

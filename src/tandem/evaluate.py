@@ -52,6 +52,13 @@ class EvalResult:
     def n_errors(self) -> int:
         return sum(r.error is not None for r in self.results)
 
+    def mean(self, metric: Metric) -> float | None:
+        """Another metric over the same runs, in percent: failed runs count as 0, and examples the
+        metric cannot judge (it returns None) are left out; None if none is left."""
+        values = [0.0 if r.prediction is None or r.error else metric(r.example, r.prediction) for r in self.results]
+        kept = [v for v in values if v is not None]
+        return 100.0 * sum(kept) / len(kept) if kept else None
+
     def error_kinds(self) -> Counter[str]:
         return Counter(r.error.split(":", 1)[0] for r in self.results if r.error)
 

@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -116,6 +116,7 @@ class Cell:
     total_seconds: float  # every step of the strategy, shared prefixes included
     notes: str = ""
     test_failed: int | None = None  # test examples whose run failed (an unparsed reply, say), scored 0
+    test_metrics: dict[str, float | None] = field(default_factory=dict)  # the task's report metrics on test
 
 
 def run_grid(
@@ -139,21 +140,26 @@ def run_grid(
             steps = parse_strategy(strategy) if strategy else ()
             log.info("seed %d, %s", seed, label)
             result = better_together(program, lm, steps, train, val, test, task.metric, settings,
-                                     run_dir=seed_dir, progress=progress)
+                                     run_dir=seed_dir, progress=progress, report_metrics=task.report_metrics)
             last = result.steps[-1]
             cells.append(Cell(task.name, label, seed, last.val, last.test, last.seconds,
                               sum(s.seconds for s in result.steps), "; ".join(last.details.get("notes", [])),
-                              last.test_errors))
+                              last.test_errors, last.test_metrics))
     write_cells(run_dir, cells)
     return cells
 
 
 def write_cells(run_dir: Path, cells: Sequence[Cell]) -> None:
     (run_dir / "cells.json").write_text(json.dumps([asdict(c) for c in cells], indent=1, ensure_ascii=False), encoding="utf-8")
-    with open(run_dir / "cells.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(cells[0])))
+    rows = []
+    for c in cells:  # CSV: one column per report metric
+        row = asdict(c)
+        row.update({f"test {name}": value for name, value in row.pop("test_metrics").items()})
+        rows.append(row)
+    with open(run_dir / "cells.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
-        writer.writerows(asdict(c) for c in cells)
+        writer.writerows(rows)
 
 
 def read_cells(run_dir: Path) -> list[Cell]:
@@ -181,10 +187,20 @@ def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "val_mean": statistics.mean(vals),
             "failed": statistics.mean(failed) if failed else None,
+            "metrics": _mean_metrics(group),
             "seconds": statistics.mean(c.seconds for c in group),
             "notes": sorted({c.notes for c in group if c.notes}),
         })
     return rows
+
+
+def _mean_metrics(cells: Sequence[Cell]) -> dict[str, float | None]:
+    names = dict.fromkeys(name for c in cells for name in c.test_metrics)
+    means = {}
+    for name in names:
+        values = [c.test_metrics[name] for c in cells if c.test_metrics.get(name) is not None]
+        means[name] = statistics.mean(values) if values else None
+    return means
 
 
 def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, test_size: int | None = None) -> Path:
@@ -225,20 +241,23 @@ def write_report(run_dir: str | Path) -> Path:
         seeds = max(r["seeds"] for r in rows)
         title = f"{task}, {config.get('model', '')}, mean ± std over {seeds} seed(s)"
         chart = plot(rows, title, run_dir / f"{task}.png", config.get("resolved", {}).get("test_size"))
-        lines += [f"## {task}", "", f"![{task}]({chart.name})", "",
-                  "| strategy | test % (mean ± std) | val % | failed runs (test) | seeds | time per cell (s) | notes |",
-                  "|---|---|---|---|---|---|---|"]
+        also = list(dict.fromkeys(name for r in rows for name in r["metrics"]))  # the task's report metrics
+        header = ["strategy", "test % (mean ± std)", *[f"{name} %" for name in also], "val %", "failed runs (test)",
+                  "seeds", "time per cell (s)", "notes"]
+        lines += [f"## {task}", "", f"![{task}]({chart.name})", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
         for r in rows:
             test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-            cols = [r["strategy"], test, f"{r['val_mean']:.1f}", _number(r["failed"]), r["seeds"], f"{r['seconds']:.0f}",
-                    "; ".join(r["notes"])]
+            cols = [r["strategy"], test, *[_number(r["metrics"].get(name)) for name in also], f"{r['val_mean']:.1f}",
+                    _number(r["failed"]), r["seeds"], f"{r['seconds']:.0f}", "; ".join(r["notes"])]
             lines.append("| " + " | ".join(map(str, cols)) + " |")
         lines.append("")
     lines += ["## Settings", "", "```json", json.dumps(config, indent=1, ensure_ascii=False), "```", "",
               "Cells: `cells.csv` and `cells.json` (one row per strategy and seed). The time of a cell is its own",
               "last step; steps shared with a shorter strategy are counted once, where they were computed.",
               "Failed runs are test examples whose program run failed (an unparseable reply, say), mean over seeds;",
-              "they score 0."]
+              "they score 0. Columns between test and val are the task's report metrics on test (HotPotQA: answer",
+              "F1, gold paragraphs retrieved), shown beside the paper's metric and never optimized."]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

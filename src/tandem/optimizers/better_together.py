@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..evaluate import Metric, evaluate
 from ..lm.base import LM
@@ -82,6 +82,7 @@ class StepRecord:
     val_errors: int = 0
     test_errors: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    test_metrics: dict[str, float | None] = field(default_factory=dict)  # reported beside `test`, never optimized
 
     @property
     def label(self) -> str:
@@ -104,12 +105,12 @@ class BetterTogetherResult:
         return "\n".join(rows)
 
 
-def _score(program, lm, examples, metric, settings, desc, progress):
+def _score(program, lm, examples, metric, settings, desc, progress, also=None):
     if not examples:
-        return None, 0
+        return None, 0, {}
     r = evaluate(program, lm, examples, metric, threads=settings.threads, progress=progress, desc=desc,
                  temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
-    return r.score, r.n_errors
+    return r.score, r.n_errors, {name: r.mean(m) for name, m in (also or {}).items()}
 
 
 def run_step(
@@ -158,8 +159,12 @@ def better_together(
     *,
     run_dir: str | Path,
     progress: bool = True,
+    report_metrics: Mapping[str, Metric] | None = None,
 ) -> BetterTogetherResult:
-    """Run the strategy from `program`, resuming finished steps found in `run_dir`."""
+    """Run the strategy from `program`, resuming finished steps found in `run_dir`.
+
+    `report_metrics` (name -> metric) are computed on test beside `metric` and never steer anything.
+    """
     steps = parse_strategy(strategy) if isinstance(strategy, str) else tuple(strategy)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,10 +188,11 @@ def better_together(
             # Each depth gets its own seed so that "p -> p" does not redraw the same candidates.
             current, details = run_step(steps[depth - 1], current, lm, train, val, metric, settings, folder,
                                         seed=settings.seed * 100 + depth, progress=progress)
-        val_score, val_errors = _score(current, lm, val, metric, settings, f"{prefix_name(prefix)} val", progress)
-        test_score, test_errors = _score(current, lm, test, metric, settings, f"{prefix_name(prefix)} test", progress)
+        val_score, val_errors, _ = _score(current, lm, val, metric, settings, f"{prefix_name(prefix)} val", progress)
+        test_score, test_errors, also = _score(current, lm, test, metric, settings, f"{prefix_name(prefix)} test",
+                                               progress, report_metrics)
         record = StepRecord(prefix_name(prefix), steps[depth - 1] if depth else "", val_score, test_score,
-                            time.perf_counter() - started, val_errors, test_errors, details)
+                            time.perf_counter() - started, val_errors, test_errors, details, also)
         current.save(folder / "program.json")
         tmp = folder / "step.json.tmp"
         tmp.write_text(json.dumps(asdict(record), indent=1, ensure_ascii=False), encoding="utf-8")

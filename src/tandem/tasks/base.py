@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,7 +26,8 @@ class Task:
     val: list[Example]
     test: list[Example]
     make_program: Callable[[], Program]
-    metric: Metric
+    metric: Metric  # what optimizers maximize and the table reports
+    report_metrics: dict[str, Metric] = field(default_factory=dict)  # shown beside it, never optimized
 
     def split(self, name: str) -> list[Example]:
         if name not in ("train", "val", "test"):

@@ -35,7 +35,8 @@ class MultiHopQA(Program):
         for hop in self.generate_query:
             query = hop(run, context=context, question=question).search_query
             context = list(dict.fromkeys(context + self.retriever(query, self.passages_per_hop)))
-        return self.generate_answer(run, context=context, question=question)
+        answer = self.generate_answer(run, context=context, question=question)
+        return Prediction(answer, context=context)
 
 
 def normalize_answer(text: str) -> str:
@@ -77,6 +78,14 @@ def gold_module_labels(question: str, answer: str, gold: Sequence[str], retrieve
     }
 
 
+def gold_found(example: Example, prediction: Prediction) -> float | None:
+    """Share of the gold paragraphs that retrieval put in the answer module's context (None without gold titles)."""
+    if not example.gold_titles:
+        return None
+    titles = {passage.split(" | ", 1)[0] for passage in prediction.get("context", [])}
+    return sum(t in titles for t in example.gold_titles) / len(example.gold_titles)
+
+
 def load(data_dir: str | None = None) -> Task:
     corpus = list(read_jsonl(find_data_file("hotpotqa/corpus.jsonl", data_dir)))
     passages = {d["title"]: f"{d['title']} | {d['text']}" for d in corpus}
@@ -89,4 +98,5 @@ def load(data_dir: str | None = None) -> Task:
                             inputs=("question",)))
     random.Random(SPLIT_SEED).shuffle(rows)
     train, val, test = rows[:TRAIN_SIZE], rows[TRAIN_SIZE : TRAIN_SIZE + VAL_SIZE], rows[TRAIN_SIZE + VAL_SIZE :]
-    return Task("hotpotqa", train, val, test, lambda: MultiHopQA(retriever), metric)
+    return Task("hotpotqa", train, val, test, lambda: MultiHopQA(retriever), metric,
+                {"answer F1": f1, "gold paragraphs retrieved": gold_found})
