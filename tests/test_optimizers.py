@@ -89,6 +89,25 @@ def test_random_search_picks_the_best_candidate_and_reports_all():
     assert all(p.demos for p in result.program.predictors())
 
 
+def test_equal_scores_go_to_the_candidate_whose_runs_fail_less():
+    class Solve(Program):
+        def __init__(self):
+            self.solve = ChainOfThought("question -> answer")
+
+        def forward(self, run, question):
+            return self.solve(run, question=question)
+
+    def reply(request):  # never right; parses only with demos
+        return "Answer: 0" if demos_in(request) else "no idea"
+
+    train = [Example(question=f"q{i}", answer="42", inputs=("question",)) for i in range(4)]
+    result = bootstrap_fewshot_rs(Solve(), ScriptedLM(reply), train, train[:2], lambda e, p: float(p.answer == e.answer),
+                                  PromptSettings(1, 1, 0), progress=False)
+    scores = {c.name: (c.val_score, c.val_errors) for c in result.candidates}
+    assert scores["zero-shot"] == (0.0, 2) and scores["labeled-only"] == (0.0, 0)
+    assert result.best == "labeled-only"
+
+
 def test_labeled_only_candidate_and_teacher_use_labels_where_fields_allow():
     class Solve(Program):
         def __init__(self):

@@ -201,7 +201,8 @@ def better_together(
         log.info("step %s finished: val %.1f%%, test %s", record.label, record.val,
                  "-" if record.test is None else f"{record.test:.1f}%")
 
-    best = max(records, key=lambda r: r.val)  # selection never looks at test; ties go to the earlier step
+    # Selection never looks at test; ties go to fewer failed runs on val, then to the earlier step.
+    best = max(records, key=lambda r: (r.val, -r.val_errors))
     best_program = load_step(program, run_dir / best.prefix)[0]
     result = BetterTogetherResult(best_program, best.prefix, records)
     summary = {"strategy": pretty(steps), "best": best.prefix, "steps": [asdict(r) for r in records]}

@@ -9,7 +9,9 @@ Random search (BootstrapFewShotRS) builds several candidate demo sets, named, no
 - `bootstrap-unshuffled`: bootstrapped demos in training order;
 - `bootstrap-seed-N`: training order shuffled with seed N and a random number of demos;
 
-scores each on the validation set and keeps the best (ties go to the earlier candidate).
+scores each on the validation set and keeps the best. Ties go to the candidate with fewer failed
+runs (a weak model often scores 0 with and without demos, but only demos make its replies
+parse), then to the earlier one.
 The teacher runs over the training set once, concurrently and batched; every candidate draws its
 demos from those runs, so no example is run twice by the same program.
 """
@@ -173,5 +175,5 @@ def bootstrap_fewshot_rs(
             scored[key] = (result.score, result.n_errors)
         c.val_score, c.val_errors = scored[key]
         log.info("candidate %s: val %.1f%% (%d failed)", c.name, c.val_score, c.val_errors)
-    best = max(candidates, key=lambda c: c.val_score)  # max keeps the first of equals
+    best = max(candidates, key=lambda c: (c.val_score, -c.val_errors))  # max keeps the first of equals
     return PromptResult(student.with_state(best.state), best.name, candidates, len(train), len(passing), notes)
