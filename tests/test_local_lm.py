@@ -50,6 +50,20 @@ def test_batched_greedy_equals_one_at_a_time(lm):
     assert all(c.completion_tokens <= 12 for c in lm.generate(requests()))
 
 
+def test_a_shared_prompt_prefix_is_prefilled_once_with_the_same_replies(lm, tiny_model_dir):
+    demos = "Follow the format of these examples.\n" + "\n".join(f"Question: {i} + {i}?\nAnswer: {2 * i}" for i in range(12))
+    reqs = [Request(({"role": "system", "content": demos}, {"role": "user", "content": p}), max_new_tokens=10)
+            for p in PROMPTS]
+    shared_before = lm.usage.extra.get("shared_prefix_tokens", 0)
+    together = [c.text for c in lm.generate(reqs)]
+    assert lm.usage.extra["shared_prefix_tokens"] - shared_before > 3 * 100  # 3 rows reuse a 100+ token prefix
+    unshared = LocalLM(tiny_model_dir, dtype="float32", max_batch=8, max_wait=0.05, min_shared_prefix=0)
+    assert together == [c.text for c in unshared.generate(reqs)]
+    assert together == [lm.generate([r])[0].text for r in reqs]  # and as one request at a time
+    assert "shared_prefix_tokens" not in unshared.usage.extra or unshared.usage.extra["shared_prefix_tokens"] == 0
+    unshared.close()
+
+
 def test_per_request_token_limits_and_stops(lm):
     reqs = requests(max_new_tokens=12)
     short = Request(reqs[0].messages, max_new_tokens=3)

@@ -96,6 +96,17 @@ class _GrowingLayer(DynamicLayer):
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
 
+def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all rows share, leaving every row at least one token of its own."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for row in rows[1:]:
+        i = 0
+        while i < n and row[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
 def _plain_template(messages: Sequence[Message]) -> str:
     """For models without a chat template (base models): a readable transcript."""
     body = "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in messages)
@@ -113,7 +124,10 @@ class LocalLM:
         device: str = "cpu",
         max_batch: int = 32,
         max_wait: float = 0.02,
+        min_shared_prefix: int = 32,
     ):
+        """`min_shared_prefix`: prompts of a batch that share at least this many leading tokens
+        prefill them once (0 turns sharing off)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.dtype = pick_dtype(dtype, device)
@@ -136,6 +150,7 @@ class LocalLM:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.usage = Usage()
+        self.min_shared_prefix = min_shared_prefix if min_shared_prefix > 0 else 1 << 62
         self.lock = threading.RLock()  # held while the model generates or trains
         self._adapters: dict[tuple[str, float], str] = {}
         self.max_batch = max_batch
@@ -252,15 +267,11 @@ class LocalLM:
     @torch.inference_mode()
     def _generate_group(self, requests: list[Request], encoded: list[list[int]]) -> list[Completion]:
         started = time.perf_counter()
-        pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device)
         limits = [r.max_new_tokens for r in requests]
         if requests[0].temperature > 0:
             torch.manual_seed(sum(r.seed for r in requests) + len(requests))
         with self.using_adapter(requests[0].adapter) as model:
-            rows = self._decode(model, input_ids, mask, limits, [r.stop for r in requests], requests[0].temperature)
+            rows = self._decode(model, encoded, limits, [r.stop for r in requests], requests[0].temperature)
         completions = []
         for row, req, ids in zip(rows, requests, encoded):
             text = self.tokenizer.decode(row, skip_special_tokens=True)
@@ -274,7 +285,36 @@ class LocalLM:
         )
         return completions
 
-    def _decode(self, model, input_ids, mask, limits, stops, temperature) -> list[list[int]]:
+    def _prefill(self, model, encoded: list[list[int]], room: int):
+        """Run the prompts through the model into a fresh KV cache; return it, the last logits,
+        the attention mask and each row's next position.
+
+        Prompts of one module share a long prefix (instructions and demos). It is computed once,
+        its cache copied to every row, and only the rest of each prompt is run per row: the
+        padding goes between the shared part and each row's own part, masked out.
+        """
+        shared = _shared_prefix(encoded) if len(encoded) > 1 else 0
+        if shared < self.min_shared_prefix:
+            shared = 0
+        pad = self.tokenizer.pad_token_id
+        rest = [ids[shared:] for ids in encoded]
+        width = max(len(ids) for ids in rest)
+        cache = DynamicCache(config=model.config)
+        cache.layers = [_GrowingLayer(shared + width + room) for _ in range(model.config.num_hidden_layers)]
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rest], device=self.device)
+        if shared:
+            prefix = torch.tensor([encoded[0][:shared]], device=self.device)
+            model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_select_indices(torch.zeros(len(encoded), dtype=torch.long, device=self.device))  # one copy a row
+            mask = torch.cat([mask.new_ones(len(encoded), shared), mask], dim=1)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rest], device=self.device)
+        positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, shared:]
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.usage.extra["shared_prefix_tokens"] = self.usage.extra.get("shared_prefix_tokens", 0) + shared * (len(encoded) - 1)
+        return cache, logits, mask, positions[:, -1] + 1
+
+    def _decode(self, model, encoded, limits, stops, temperature) -> list[list[int]]:
         """Prefill, then decode token by token; a finished row leaves the batch at once.
 
         A row finishes at an end-of-sequence token, its own token limit, or one of its stop
@@ -282,13 +322,7 @@ class LocalLM:
         need, not what its longest reply needs.
         """
         eos = set(self._eos_ids())
-        config = model.config
-        cache = DynamicCache(config=config)
-        cache.layers = [_GrowingLayer(input_ids.shape[1] + max(limits)) for _ in range(config.num_hidden_layers)]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_pos = positions[:, -1] + 1
+        cache, logits, mask, next_pos = self._prefill(model, encoded, max(limits))
         active = list(range(len(limits)))
         rows: list[list[int]] = [[] for _ in limits]
         while True:
@@ -311,7 +345,7 @@ class LocalLM:
             if not keep:
                 return rows
             if len(keep) < len(active):
-                index = torch.tensor(keep, device=input_ids.device)
+                index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
                 mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
                 active = [active[j] for j in keep]
