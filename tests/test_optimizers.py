@@ -25,6 +25,20 @@ class Double(Program):
         return self.answer(run, rewritten=rewritten)
 
 
+class Solve(Program):
+    """One module, labeled: its fields are the example's own."""
+
+    def __init__(self):
+        self.solve = ChainOfThought("question -> answer")
+
+    def forward(self, run, question):
+        return self.solve(run, question=question)
+
+
+def exact(example, prediction):
+    return float(prediction.answer == example.answer)
+
+
 def number_of(request):
     return int(re.findall(r"-?\d+", request.messages[-1]["content"])[-1])
 
@@ -90,18 +104,11 @@ def test_random_search_picks_the_best_candidate_and_reports_all():
 
 
 def test_equal_scores_go_to_the_candidate_whose_runs_fail_less():
-    class Solve(Program):
-        def __init__(self):
-            self.solve = ChainOfThought("question -> answer")
-
-        def forward(self, run, question):
-            return self.solve(run, question=question)
-
     def reply(request):  # never right; parses only with demos
         return "Answer: 0" if demos_in(request) else "no idea"
 
     train = [Example(question=f"q{i}", answer="42", inputs=("question",)) for i in range(4)]
-    result = bootstrap_fewshot_rs(Solve(), ScriptedLM(reply), train, train[:2], lambda e, p: float(p.answer == e.answer),
+    result = bootstrap_fewshot_rs(Solve(), ScriptedLM(reply), train, train[:2], exact,
                                   PromptSettings(1, 1, 0), progress=False)
     scores = {c.name: (c.val_score, c.val_errors) for c in result.candidates}
     assert scores["zero-shot"] == (0.0, 2) and scores["labeled-only"] == (0.0, 0)
@@ -109,19 +116,12 @@ def test_equal_scores_go_to_the_candidate_whose_runs_fail_less():
 
 
 def test_labeled_only_candidate_and_teacher_use_labels_where_fields_allow():
-    class Solve(Program):
-        def __init__(self):
-            self.solve = ChainOfThought("question -> answer")
-
-        def forward(self, run, question):
-            return self.solve(run, question=question)
-
     def reply(request):
         return "Answer: 42" if demos_in(request) else "no idea"
 
     train = [Example(question=f"q{i}", answer="42", inputs=("question",)) for i in range(5)]
     lm = ScriptedLM(reply)
-    result = bootstrap_fewshot_rs(Solve(), lm, train, train[:2], lambda e, p: float(p.answer == e.answer),
+    result = bootstrap_fewshot_rs(Solve(), lm, train, train[:2], exact,
                                   PromptSettings(1, 2, 1), progress=False)
     assert "labeled-only" in [c.name for c in result.candidates]
     assert result.successful_runs == 5  # the teacher ran with labeled demos
