@@ -80,7 +80,7 @@ def test_report_from_saved_cells(tmp_path):
     report = write_report(tmp_path).read_text(encoding="utf-8")
     assert '"Π→Θ"' in report  # settings are shown as written, not as \\u escapes
     assert "| strategy | test % (mean ± std) | F1 % | val % |" in report
-    assert "| vanilla | 30.0 ± 14.1 | - | 10.0 | - |" in report and "| Π | 65.0 ± 7.1 | 50.0 | 50.0 | 2.5 |" in report
+    assert "| vanilla | 30.0 ± 14.1 | - | 10.0 | - |" in report and "| Π | 65.0 ± 7.1 | 50.0 ± 14.1 | 50.0 | 2.5 |" in report
     png = (tmp_path / "iris.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     header = (tmp_path / "cells.csv").read_text().splitlines()[0]

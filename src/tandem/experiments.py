@@ -194,36 +194,42 @@ def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean_metrics(cells: Sequence[Cell]) -> dict[str, float | None]:
-    names = dict.fromkeys(name for c in cells for name in c.test_metrics)
-    means = {}
-    for name in names:
+def _mean_metrics(cells: Sequence[Cell]) -> dict[str, tuple[float, float] | None]:
+    """Per report metric: mean and standard deviation over the cells that have it."""
+    out = {}
+    for name in dict.fromkeys(name for c in cells for name in c.test_metrics):
         values = [c.test_metrics[name] for c in cells if c.test_metrics.get(name) is not None]
-        means[name] = statistics.mean(values) if values else None
-    return means
+        out[name] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+    return out
 
 
 def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, test_size: int | None = None) -> Path:
+    """Bars per strategy with error bars: the task's metric, and below it one panel per report metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = [r["strategy"] for r in rows]
-    means = [r["test_mean"] or 0.0 for r in rows]
-    errors = [r["test_std"] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 2, 4.2))
-    bars = ax.bar(labels, means, yerr=errors, capsize=4, color=["#9aa5b1"] + ["#3b7dd8"] * (len(rows) - 1))
-    for bar, mean, row in zip(bars, means, rows):
-        of = f"/{test_size}" if test_size else ""
-        failed = f"\n{row['failed']:.0f}{of} failed" if row.get("failed") else ""  # unparsed runs explain a low bar
-        ax.annotate(f"{mean:.1f}{failed}", (bar.get_x() + bar.get_width() / 2, mean), ha="center", va="bottom",
-                    xytext=(0, 3), textcoords="offset points", fontsize=9)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errors)) + 5))
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
+    panels = [("test accuracy (%)", [(r["test_mean"] or 0.0, r["test_std"]) for r in rows], True)]
+    for name in dict.fromkeys(name for r in rows for name in r["metrics"]):
+        panels.append((f"{name} (%)", [r["metrics"].get(name) or (0.0, 0.0) for r in rows], False))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(1.1 * len(rows) + 2, 1.2 + 3.0 * len(panels)), sharex=True,
+                             squeeze=False)
+    for ax, (ylabel, values, main) in zip(axes[:, 0], panels):
+        means, errors = [m for m, _ in values], [e for _, e in values]
+        colors = ["#9aa5b1"] + ["#3b7dd8" if main else "#6aa84f"] * (len(rows) - 1)  # vanilla in grey
+        bars = ax.bar(labels, means, yerr=errors, capsize=4, color=colors)
+        for bar, mean, error, row in zip(bars, means, errors, rows):
+            of = f"/{test_size}" if test_size else ""
+            failed = f"\n{row['failed']:.0f}{of} failed" if main and row.get("failed") else ""  # explains a low bar
+            ax.annotate(f"{mean:.1f}{failed}", (bar.get_x() + bar.get_width() / 2, mean + error), ha="center", va="bottom",
+                        xytext=(0, 3), textcoords="offset points", fontsize=9)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errors)) + 5))
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[0, 0].set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -248,7 +254,7 @@ def write_report(run_dir: str | Path) -> Path:
                   "|" + "---|" * len(header)]
         for r in rows:
             test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-            cols = [r["strategy"], test, *[_number(r["metrics"].get(name)) for name in also], f"{r['val_mean']:.1f}",
+            cols = [r["strategy"], test, *[_mean_std(r["metrics"].get(name)) for name in also], f"{r['val_mean']:.1f}",
                     _number(r["failed"]), r["seeds"], f"{r['seconds']:.0f}", "; ".join(r["notes"])]
             lines.append("| " + " | ".join(map(str, cols)) + " |")
         lines.append("")
@@ -261,6 +267,10 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _mean_std(value: tuple[float, float] | None) -> str:
+    return "-" if value is None else f"{value[0]:.1f} ± {value[1]:.1f}"
 
 
 def _number(value: float | None) -> str:
