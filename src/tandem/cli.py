@@ -142,11 +142,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         from .program import trace_as_dict
 
-        with open(args.output, "w") as f:
+        with open(args.output, "w", encoding="utf-8") as f:
             for r in result.results:
                 row = {"example": dict(r.example), "prediction": r.prediction, "score": r.score, "error": r.error,
                        "trace": [trace_as_dict(t) for t in r.trace]}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"per-example results: {args.output}")
     return 0
 
