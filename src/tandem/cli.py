@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -237,8 +238,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     args.max_new_tokens = budget.max_new_tokens
     task = load_task(args.task, args.data_dir)
     run_dir = Path(args.run_dir)
-    from dataclasses import asdict
-
     config = {"task": args.task, "model": args.model, "strategy": list(strategies), "seeds": args.seeds,
               "budget": args.budget, "resolved": asdict(budget), "program": args.program, "dtype": args.dtype,
               "temperature": args.temperature}

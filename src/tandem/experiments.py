@@ -177,15 +177,14 @@ def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
         group = [c for c in cells if c.strategy == label]
         if not group:
             continue
-        tests = [c.test for c in group if c.test is not None]
-        vals = [c.val for c in group]
+        test_mean, test_std = _spread([c.test for c in group]) or (None, 0.0)
         failed = [c.test_failed for c in group if c.test_failed is not None]  # None: results from before it was kept
         rows.append({
             "strategy": label,
             "seeds": len(group),
-            "test_mean": statistics.mean(tests) if tests else None,
-            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
-            "val_mean": statistics.mean(vals),
+            "test_mean": test_mean,
+            "test_std": test_std,
+            "val_mean": statistics.mean(c.val for c in group),
             "failed": statistics.mean(failed) if failed else None,
             "metrics": _mean_metrics(group),
             "seconds": statistics.mean(c.seconds for c in group),
@@ -194,13 +193,18 @@ def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
+def _spread(values: Sequence[float | None]) -> tuple[float, float] | None:
+    """Mean and standard deviation of the values that are there (one value: std 0), or None."""
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return None
+    return statistics.mean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0
+
+
 def _mean_metrics(cells: Sequence[Cell]) -> dict[str, tuple[float, float] | None]:
     """Per report metric: mean and standard deviation over the cells that have it."""
-    out = {}
-    for name in dict.fromkeys(name for c in cells for name in c.test_metrics):
-        values = [c.test_metrics[name] for c in cells if c.test_metrics.get(name) is not None]
-        out[name] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
-    return out
+    names = dict.fromkeys(name for c in cells for name in c.test_metrics)
+    return {name: _spread([c.test_metrics.get(name) for c in cells]) for name in names}
 
 
 def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, test_size: int | None = None) -> Path:
@@ -253,8 +257,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"## {task}", "", f"![{task}]({chart.name})", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         for r in rows:
-            test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-            cols = [r["strategy"], test, *[_mean_std(r["metrics"].get(name)) for name in also], f"{r['val_mean']:.1f}",
+            cols = [r["strategy"], _test(r), *[_mean_std(r["metrics"].get(name)) for name in also], f"{r['val_mean']:.1f}",
                     _number(r["failed"]), r["seeds"], f"{r['seconds']:.0f}", "; ".join(r["notes"])]
             lines.append("| " + " | ".join(map(str, cols)) + " |")
         lines.append("")
@@ -273,6 +276,10 @@ def _mean_std(value: tuple[float, float] | None) -> str:
     return "-" if value is None else f"{value[0]:.1f} ± {value[1]:.1f}"
 
 
+def _test(row: dict[str, Any]) -> str:
+    return _mean_std(None if row["test_mean"] is None else (row["test_mean"], row["test_std"]))
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -281,8 +288,7 @@ def table(run_dir: str | Path) -> str:
     rows = summarize(read_cells(Path(run_dir)))
     out = [f"{'strategy':<10}{'test % mean ± std':>20}{'val %':>8}{'failed':>8}{'seeds':>7}"]
     for r in rows:
-        test = f"{r['test_mean']:.1f} ± {r['test_std']:.1f}" if r["test_mean"] is not None else "-"
-        out.append(f"{r['strategy']:<10}{test:>20}{r['val_mean']:>8.1f}{_number(r['failed']):>8}{r['seeds']:>7}")
+        out.append(f"{r['strategy']:<10}{_test(r):>20}{r['val_mean']:>8.1f}{_number(r['failed']):>8}{r['seeds']:>7}")
     return "\n".join(out)
 
 

@@ -150,7 +150,7 @@ class LocalLM:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.usage = Usage()
-        self.min_shared_prefix = min_shared_prefix if min_shared_prefix > 0 else 1 << 62
+        self.min_shared_prefix = min_shared_prefix
         self.lock = threading.RLock()  # held while the model generates or trains
         self._adapters: dict[tuple[str, float], str] = {}
         self.max_batch = max_batch
@@ -293,7 +293,7 @@ class LocalLM:
         its cache copied to every row, and only the rest of each prompt is run per row: the
         padding goes between the shared part and each row's own part, masked out.
         """
-        shared = _shared_prefix(encoded) if len(encoded) > 1 else 0
+        shared = _shared_prefix(encoded) if len(encoded) > 1 and self.min_shared_prefix > 0 else 0
         if shared < self.min_shared_prefix:
             shared = 0
         pad = self.tokenizer.pad_token_id

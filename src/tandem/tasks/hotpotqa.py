@@ -61,6 +61,11 @@ def f1(example: Example, prediction: Prediction) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def title_of(passage: str) -> str:
+    """The title of a passage as the corpus renders it: "Title | text"."""
+    return passage.split(" | ", 1)[0]
+
+
 def gold_module_labels(question: str, answer: str, gold: Sequence[str], retriever: BM25Retriever) -> dict[str, dict]:
     """Labels for every module from the two gold paragraphs, so Π has labeled demos to start from.
 
@@ -72,8 +77,8 @@ def gold_module_labels(question: str, answer: str, gold: Sequence[str], retrieve
     ranked = retriever(question, k=20)
     first, second = sorted(gold, key=lambda p: ranked.index(p) if p in ranked else len(ranked))
     return {
-        "generate_query[0]": {"context": [], "question": question, "search_query": first.split(" | ", 1)[0]},
-        "generate_query[1]": {"context": [first], "question": question, "search_query": second.split(" | ", 1)[0]},
+        "generate_query[0]": {"context": [], "question": question, "search_query": title_of(first)},
+        "generate_query[1]": {"context": [first], "question": question, "search_query": title_of(second)},
         "generate_answer": {"context": [first, second], "question": question, "answer": answer},
     }
 
@@ -82,7 +87,7 @@ def gold_found(example: Example, prediction: Prediction) -> float | None:
     """Share of the gold paragraphs that retrieval put in the answer module's context (None without gold titles)."""
     if not example.gold_titles:
         return None
-    titles = {passage.split(" | ", 1)[0] for passage in prediction.get("context", [])}
+    titles = {title_of(passage) for passage in prediction.get("context", [])}
     return sum(t in titles for t in example.gold_titles) / len(example.gold_titles)
 
 
