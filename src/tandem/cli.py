@@ -191,14 +191,25 @@ def optimize_settings(args: argparse.Namespace):
     )
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Nested settings as dotted names, so a refused change names the field: `resolved.epochs`."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_run_config(run_dir: Path, config: dict) -> None:
     """A run folder holds one configuration; strategies and seeds may change (each has its own folders), nothing else."""
     path = run_dir / "config.json"
     if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(old) | set(config) if k not in ("strategy", "seeds") and old.get(k) != config.get(k))
+        old, new = _flat(json.loads(path.read_text(encoding="utf-8"))), _flat(config)
+        changed = sorted(k for k in set(old) | set(new) if k not in ("strategy", "seeds") and old.get(k) != new.get(k))
         if changed:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             raise ValueError(f"{run_dir} holds a run with another configuration ({detail}); use another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
