@@ -28,8 +28,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from tandem.evaluate import evaluate
+    from tandem.settings import GenerationSettings
     from tandem.lm.local import LocalLM
-    from tandem.optimizers.prompts import labeled_demos
+    from tandem.optimizers.fewshot import labeled_demos
     from tandem.tasks import load_task
 
     task = load_task(args.task)
@@ -44,8 +45,8 @@ def main() -> None:
     for label, min_shared in (("(a) every row prefilled whole", 0), ("(b) shared prefix prefilled once", 32)):
         engine = LocalLM(args.model, dtype=args.dtype, max_batch=args.batch_size, min_shared_prefix=min_shared)
         started = time.perf_counter()
-        result = evaluate(program, engine, examples, task.metric, threads=args.batch_size, progress=False,
-                          max_new_tokens=args.max_new_tokens)
+        result = evaluate(program, engine, examples, task.metric,
+                          GenerationSettings(max_new_tokens=args.max_new_tokens, threads=args.batch_size), progress=False)
         seconds = time.perf_counter() - started
         usage = engine.usage
         rows.append((label, len(examples) / seconds, usage.prompt_tokens / len(examples),

@@ -26,6 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tandem.evaluate import evaluate
+    from tandem.settings import GenerationSettings
     from tandem.lm.local import LocalLM, matmul_flops
     from tandem.tasks import load_task
 
@@ -56,8 +57,8 @@ def main() -> None:
     a = (len(baseline) / a_seconds, new_tokens / a_seconds, 2 * params * (prompt_tokens + new_tokens) / a_seconds / peak)
 
     # (b) tandem: concurrent program executions, dynamic batching
-    result = evaluate(program, engine, examples, task.metric, threads=args.batch_size, progress=False,
-                      max_new_tokens=args.max_new_tokens)
+    result = evaluate(program, engine, examples, task.metric,
+                      GenerationSettings(max_new_tokens=args.max_new_tokens, threads=args.batch_size), progress=False)
     u = result.usage
     b_tokens = u["prompt_tokens"] + u["completion_tokens"]
     b = (len(examples) / result.seconds, u["completion_tokens"] / result.seconds,

@@ -35,7 +35,7 @@ def test_missing_data_folder_is_one_clear_line(tmp_path):
 
 def test_unknown_model_is_one_clear_line():
     out = tandem("eval", "--task", "iris", "--model", "no-such-model", "--limit", "2")
-    assert out.returncode == 2
+    assert out.returncode == 1  # the model cannot be reached: a runtime error, not a usage error
     assert "unknown model 'no-such-model'" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -60,7 +60,7 @@ def test_eval_on_a_local_model_folder_prints_score_and_writes_traces(tiny_model_
 def test_optimize_writes_the_run_folder_and_refuses_a_changed_config(tiny_model_dir, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = ["optimize", "--task", "iris", "--model", tiny_model_dir, "--strategy", "p -> w", "--run-dir", str(run_dir),
-            "--train-size", "3", "--val-size", "3", "--test-size", "3", "--candidates", "1", "--epochs", "1",
+            "--train-size", "3", "--val-size", "3", "--test-size", "3", "--num-candidates", "1", "--epochs", "1",
             "--max-new-tokens", "6", "--threads", "4"]
     env = {"TANDEM_CACHE_DIR": str(cache_dir)}
     out = tandem(*args, env_extra=env)
@@ -69,8 +69,10 @@ def test_optimize_writes_the_run_folder_and_refuses_a_changed_config(tiny_model_
     for step in ("zero-shot", "p", "p-w"):
         assert (run_dir / step / "step.json").exists() and (run_dir / step / "program.json").exists()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["settings"]["weights"]["lora"]["rank"] == 16 and config["sizes"] == {"train": 3, "val": 3, "test": 3}
-    results = json.loads((run_dir / "results.json").read_text())
+    assert config["settings"]["weights"]["lora"]["rank"] == 16
+    assert {name: split["size"] for name, split in config["data"].items()} == {"train": 3, "val": 3, "test": 3}
+    assert config["lm"]["dtype"] in ("float32", "bfloat16") and set(config["versions"]) >= {"torch", "transformers", "peft"}
+    results = json.loads((run_dir / "results-p-w.json").read_text())
     assert [s["prefix"] for s in results["steps"]] == ["zero-shot", "p", "p-w"]
 
     changed = tandem(*[a if a != "16" else "8" for a in args], "--seed", "1", env_extra=env)
@@ -88,11 +90,12 @@ def test_experiment_writes_table_report_and_chart_and_report_rebuilds(tiny_model
     env = {"TANDEM_CACHE_DIR": str(cache_dir)}
     out = tandem("experiment", "--task", "iris", "--model", tiny_model_dir, "--strategies", "vanilla, p", "--seeds", "2",
                  "--run-dir", str(run_dir), "--budget", "tiny", "--train-size", "3", "--val-size", "3",
-                 "--test-size", "3", "--candidates", "1", "--max-new-tokens", "6", "--threads", "4", env_extra=env)
+                 "--test-size", "3", "--num-candidates", "1", "--max-new-tokens", "6", "--threads", "4", env_extra=env)
     assert out.returncode == 0, out.stderr
     assert "vanilla" in out.stdout and "Π" in out.stdout and "report:" in out.stdout
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["resolved"]["train_size"] == 3 and config["resolved"]["epochs"] == 2  # override, preset
+    settings = config["settings"]
+    assert settings["data"]["train_size"] == 3 and settings["optimize"]["weights"]["lora"]["epochs"] == 2  # override, preset
     assert (run_dir / "iris.png").read_bytes()[:4] == b"\x89PNG"
     (run_dir / "report.md").unlink()
     again = tandem("report", str(run_dir))
@@ -100,8 +103,36 @@ def test_experiment_writes_table_report_and_chart_and_report_rebuilds(tiny_model
     assert len(json.loads((run_dir / "cells.json").read_text())) == 4
     more = tandem("experiment", "--task", "iris", "--model", tiny_model_dir, "--strategies", "vanilla, p", "--seeds", "3",
                   "--run-dir", str(run_dir), "--budget", "tiny", "--train-size", "3", "--val-size", "3",
-                  "--test-size", "3", "--candidates", "1", "--max-new-tokens", "6", "--threads", "4", env_extra=env)
+                  "--test-size", "3", "--num-candidates", "1", "--max-new-tokens", "6", "--threads", "4", env_extra=env)
     assert more.returncode == 0, more.stderr  # a third seed extends the grid; seeds 0 and 1 are read back
     assert more.stderr.count("step zero-shot finished") == 1  # seed 2's, which its Π then reuses
     assert more.stderr.count("reusing finished steps") == 5
     assert len(json.loads((run_dir / "cells.json").read_text())) == 6
+
+
+def test_a_bad_setting_exits_2_naming_the_flag_before_any_work():
+    out = tandem("eval", "--task", "iris", "--model", "smollm2-135m", "--temperature", "-1")
+    assert out.returncode == 2 and out.stderr.strip() == "tandem: error: --temperature must be >= 0, got -1.0"
+
+
+def test_the_error_budget_is_one_line_and_exit_1_and_truncation_is_named(tiny_model_dir, cache_dir):
+    args = ["eval", "--task", "iris", "--model", tiny_model_dir, "--limit", "6", "--max-new-tokens", "2", "--threads", "2"]
+    env = {"TANDEM_CACHE_DIR": str(cache_dir)}
+    out = tandem(*args, "--max-errors", "1", env_extra=env)
+    assert out.returncode == 1 and "more than max_errors=1" in out.stderr and "Traceback" not in out.stderr
+    ok = tandem(*args, env_extra=env)
+    assert ok.returncode == 0 and "6 truncated at 2 tokens before Species" in ok.stdout  # a random model never gets there
+
+
+def test_optimize_and_experiment_share_every_settings_flag():
+    import re
+
+    def flags(command):
+        out = tandem(command, "--help")
+        assert out.returncode == 0
+        return set(re.findall(r"(--[a-z][a-z-]+)", out.stdout))
+
+    optimize, experiment = flags("optimize"), flags("experiment")
+    assert optimize - {"--strategy"} == experiment - {"--strategies", "--seeds"}
+    assert {"--learning-rate", "--num-candidates", "--with-demos", "--temperature", "--budget"} <= optimize
+    assert flags("eval") >= {"--temperature", "--max-new-tokens", "--threads", "--dtype", "--max-batch"}

@@ -29,12 +29,12 @@ def test_better_together_on_iris_with_the_embedded_model(cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-m", "tandem", "optimize", "--task", "iris", "--model", "smollm2-135m", "--strategy", "p -> w -> p",
-         "--run-dir", str(run_dir), "--train-size", "8", "--val-size", "6", "--test-size", "6", "--candidates", "1",
+         "--run-dir", str(run_dir), "--train-size", "8", "--val-size", "6", "--test-size", "6", "--num-candidates", "1",
          "--epochs", "1", "--max-new-tokens", "40"],
         capture_output=True, text=True, env=env, timeout=1200,
     )
     assert out.returncode == 0, out.stderr
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((run_dir / "results-p-w-p.json").read_text())
     assert [s["prefix"] for s in results["steps"]] == ["zero-shot", "p", "p-w", "p-w-p"]
     weight_step = results["steps"][2]["details"]
     assert weight_step["trained"] is False or (run_dir / "p-w" / "adapter" / "adapter_model.safetensors").exists()

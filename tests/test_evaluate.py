@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from tandem import ChainOfThought, Example, Program, ScriptedLM, evaluate
+from tandem import ChainOfThought, Example, GenerationSettings, Program, ScriptedLM, evaluate
 from tandem.evaluate import ErrorBudgetExceeded
 from tandem.lm.batching import Cancelled, DynamicBatcher
 
@@ -33,18 +33,18 @@ def data(n_good: int, n_bad: int):
 def test_scores_in_order_and_counts_failures():
     examples = data(6, 2)
     examples[0] = Example(question="q0", answer="WRONG", inputs=("question",))
-    result = evaluate(Echo(), ScriptedLM(reply), examples, exact, threads=4, progress=False)
+    result = evaluate(Echo(), ScriptedLM(reply), examples, exact, GenerationSettings(threads=4), progress=False)
     assert [r.example for r in result.results] == examples
     assert result.score == pytest.approx(100 * 5 / 8)
     assert result.n_errors == 2
-    assert result.error_kinds() == {"ParseError": 2}
-    assert "2 failed (ParseError: 2)" in result.summary()
+    assert result.failures() == {"unparsed": 2}
+    assert "2 failed (2 unparsed)" in result.summary()
 
 
 def test_error_budget_stops_the_evaluation():
     with pytest.raises(ErrorBudgetExceeded, match="max_errors=1"):
-        evaluate(Echo(), ScriptedLM(reply), data(2, 5), exact, threads=2, max_errors=1, progress=False)
-    result = evaluate(Echo(), ScriptedLM(reply), data(2, 5), exact, threads=2, max_errors=5, progress=False)
+        evaluate(Echo(), ScriptedLM(reply), data(2, 5), exact, GenerationSettings(threads=2), max_errors=1, progress=False)
+    result = evaluate(Echo(), ScriptedLM(reply), data(2, 5), exact, GenerationSettings(threads=2), max_errors=5, progress=False)
     assert result.n_errors == 5
 
 
@@ -66,7 +66,7 @@ def test_a_metric_that_raises_fails_only_that_example():
 
     result = evaluate(Echo(), ScriptedLM(reply), data(3, 0), fragile, progress=False)
     assert result.score == pytest.approx(200 / 3)
-    assert result.results[1].error.startswith("MetricError")
+    assert result.results[1].failure == "metric could not score" and "KeyError" in result.results[1].error
 
 
 def test_batcher_gathers_concurrent_calls_into_one_batch():
@@ -148,3 +148,33 @@ def test_an_interrupted_evaluation_cancels_the_lm():
     with pytest.raises(KeyboardInterrupt):
         evaluate(Echo(), lm, [Example(question="a", answer="A", inputs=("question",))], interrupt, progress=False)
     assert lm.cancelled == 1
+
+
+def test_a_reply_cut_at_its_token_limit_is_counted_as_truncated_before_the_field_it_never_reached():
+    from tandem.lm import Completion
+
+    def cut(request):
+        if request.messages[-1]["content"].endswith("q0"):
+            return Completion("Reasoning: first, let us consider", finish_reason="length")
+        return reply(request)
+
+    result = evaluate(Echo(), ScriptedLM(cut), data(3, 1), exact, GenerationSettings(max_new_tokens=96), progress=False)
+    assert result.failures() == {"truncated at 96 tokens before Answer": 1, "unparsed": 1}
+    assert "1 truncated at 96 tokens before Answer, 1 unparsed" in result.summary()
+
+
+def test_an_lm_that_raises_stops_the_evaluation_instead_of_failing_examples():
+    def down(request):
+        raise ConnectionError("engine unreachable")
+
+    with pytest.raises(ConnectionError, match="engine unreachable"):
+        evaluate(Echo(), ScriptedLM(down), data(4, 0), exact, progress=False)
+
+
+def test_a_bug_in_the_program_surfaces_as_an_error_not_a_wrong_answer():
+    class Buggy(Echo):
+        def forward(self, run, question):
+            return self.solve(run, question=question).no_such_field
+
+    with pytest.raises(AttributeError, match="no_such_field"):
+        evaluate(Buggy(), ScriptedLM(reply), data(3, 0), exact, progress=False)

@@ -8,6 +8,8 @@ from tandem import ScriptedLM
 from tandem.experiments import (
     BUDGETS, STRATEGIES, Cell, parse_strategies, read_cells, resolve_budget, run_grid, summarize, write_report,
 )
+from tandem.errors import ConfigError, UsageError
+from tandem.settings import JobSettings
 from tandem.tasks.base import Task
 
 from test_optimizers import Double, data, metric, smart
@@ -18,18 +20,21 @@ def task():
 
 
 def budget():
-    return resolve_budget("tiny", "double", candidates=1, max_bootstrapped=1, max_labeled=0, epochs=1)
+    return resolve_budget("tiny", "double", dict(num_candidates=1, max_bootstrapped_demos=1, max_labeled_demos=0,
+                                                 epochs=1, threads=4))
 
 
 def test_budget_presets_resolve_and_overrides_win():
-    assert resolve_budget("paper", "iris").train_size == 15 and resolve_budget("paper", "iris").val_size == 35
-    assert resolve_budget("paper", "gsm8k").val_size == 250 and resolve_budget("paper", "gsm8k").rank == 32
-    b = resolve_budget("tiny", "gsm8k", epochs=7, val_size=None)
-    assert b.epochs == 7 and b.val_size == BUDGETS["tiny"].val_size
-    with pytest.raises(ValueError, match="unknown budget 'huge'"):
+    paper_iris, paper_gsm8k = resolve_budget("paper", "iris"), resolve_budget("paper", "gsm8k")
+    assert paper_iris.data.train_size == 15 and paper_iris.data.val_size == 35
+    assert paper_gsm8k.data.val_size == 250 and paper_gsm8k.optimize.weights.lora.rank == 32
+    b = resolve_budget("tiny", "gsm8k", dict(epochs=7, val_size=None))
+    assert b.optimize.weights.lora.epochs == 7 and b.data.val_size == BUDGETS["tiny"]["val_size"]
+    assert resolve_budget(None, "gsm8k") == JobSettings()  # no budget: the dataclass defaults
+    with pytest.raises(UsageError, match="unknown budget 'huge'"):
         resolve_budget("huge", "iris")
-    with pytest.raises(ValueError, match="budget.epochs"):
-        resolve_budget("tiny", "iris", epochs=0)
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        resolve_budget("tiny", "iris", dict(epochs=0))
 
 
 def test_strategy_selection():
@@ -41,7 +46,7 @@ def test_strategy_selection():
 
 def test_grid_computes_shared_prefixes_once(tmp_path):
     lm = ScriptedLM(smart, trainable=True)
-    cells = run_grid(task(), Double(), lm, parse_strategies("all"), [0], budget(), tmp_path, threads=4, progress=False)
+    cells = run_grid(task(), Double(), lm, parse_strategies("all"), [0], budget(), tmp_path, progress=False)
     assert [c.strategy for c in cells] == list(STRATEGIES)
     steps = sorted(p.name for p in (tmp_path / "seed-0").iterdir() if (p / "step.json").exists())
     # 8 strategies, but only 8 distinct prefixes: zero-shot, p, w, p-w, w-p, p-w-p, p-p, w-w
@@ -54,15 +59,15 @@ def test_grid_computes_shared_prefixes_once(tmp_path):
 def test_interrupted_grid_resumes_and_a_finished_grid_only_reads(tmp_path):
     first = ScriptedLM(smart, trainable=True)
     run_grid(task(), Double(), first, parse_strategies("vanilla, p, p -> w"), [0, 1], budget(), tmp_path,
-             threads=4, progress=False)
+             progress=False)
     (tmp_path / "seed-1" / "p-w" / "step.json").unlink()  # killed during seed 1's last cell
     second = ScriptedLM(smart, trainable=True)
     cells = run_grid(task(), Double(), second, parse_strategies("vanilla, p, p -> w"), [0, 1], budget(), tmp_path,
-                     threads=4, progress=False)
+                     progress=False)
     assert len(second.finetuned) == 1 and len(cells) == 6
     third = ScriptedLM(smart, trainable=True)
     run_grid(task(), Double(), third, parse_strategies("vanilla, p, p -> w"), [0, 1], budget(), tmp_path,
-             threads=4, progress=False)
+             progress=False)
     assert third.requests == [] and third.finetuned == []
 
 
@@ -85,3 +90,16 @@ def test_report_from_saved_cells(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     header = (tmp_path / "cells.csv").read_text().splitlines()[0]
     assert header.startswith("task,strategy,seed") and header.endswith(",test F1")
+
+
+def test_a_smaller_call_merges_into_the_grid_and_a_changed_one_is_refused(tmp_path):
+    from dataclasses import replace
+
+    lm = ScriptedLM(smart, trainable=True)
+    run_grid(task(), Double(), lm, parse_strategies("vanilla, p"), [0, 1], budget(), tmp_path, progress=False)
+    again = run_grid(task(), Double(), lm, parse_strategies("vanilla"), [0], budget(), tmp_path, progress=False)
+    assert len(again) == 1 and len(read_cells(tmp_path)) == 4  # merged, not overwritten
+    assert (tmp_path / "seed-0" / "results-p.json").exists() and (tmp_path / "seed-0" / "results-zero-shot.json").exists()
+    changed = replace(budget(), data=replace(budget().data, val_size=1))
+    with pytest.raises(UsageError, match=r"settings\.data\.val_size: 20 -> 1"):
+        run_grid(task(), Double(), lm, parse_strategies("vanilla"), [0], changed, tmp_path, progress=False)

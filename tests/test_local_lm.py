@@ -149,3 +149,58 @@ def test_cache_keys_on_the_engine_fingerprint_not_just_the_name(tmp_path):
     path = tmp_path / "calls.sqlite"
     assert CachedLM(fp32, path).generate(requests()[:1])[0].text == "a"
     assert CachedLM(bf16, path).generate(requests()[:1])[0].text == "b"  # no stale hit from the other dtype
+
+
+def test_mixed_token_limits_over_different_prompts_equal_one_at_a_time(lm):
+    # Rows leave the batch at different steps: the cache rows that stay must be the right ones.
+    reqs = [Request(r.messages, max_new_tokens=n) for r, n in zip(requests(), (3, 17, 1, 9))]
+    batched = lm.generate(reqs)
+    single = [lm.generate([r])[0] for r in reqs]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in single]
+
+
+def test_a_reply_cut_at_its_token_limit_says_so(lm):
+    cut = lm.generate([Request(requests()[1].messages, max_new_tokens=2)])[0]
+    assert cut.completion_tokens == 2 and cut.finish_reason == "length"
+    stopped = lm.generate([Request(requests()[1].messages, max_new_tokens=40, stop=(cut.text[-1],))])[0]
+    assert stopped.finish_reason == "stop"
+
+
+def test_a_sampled_request_gives_the_same_reply_whatever_shares_its_batch(lm):
+    mine = Request(requests()[0].messages, max_new_tokens=12, temperature=1.0, seed=7)
+    alone = lm.generate([mine])[0].text
+    others = [Request(r.messages, max_new_tokens=n, temperature=1.0, seed=s)
+              for r, n, s in zip(requests()[1:], (5, 20, 9), (1, 2, 3))]
+    assert lm.generate([others[0], mine, *others[1:]])[1].text == alone
+    assert lm.generate([*others, mine])[-1].text == alone
+    other_seed = [lm.generate([Request(mine.messages, 12, 1.0, seed=s)])[0].text for s in range(8, 12)]
+    assert any(text != alone for text in other_seed)  # the seed matters: this is sampling, not greedy
+
+
+def test_the_cache_key_changes_with_every_sampling_field():
+    base = Request(({"role": "user", "content": "hi"},), max_new_tokens=8, temperature=0.5, stop=("\nX:",), seed=1)
+    variants = [Request(base.messages, 9, 0.5, ("\nX:",), seed=1), Request(base.messages, 8, 0.6, ("\nX:",), seed=1),
+                Request(base.messages, 8, 0.5, ("\nY:",), seed=1), Request(base.messages, 8, 0.5, ("\nX:",), seed=2),
+                Request(({"role": "user", "content": "ho"},), 8, 0.5, ("\nX:",), seed=1)]
+    keys = {r.key("m") for r in [base, *variants]}
+    assert len(keys) == 1 + len(variants)
+    assert base.key("m") != base.key("m", adapter_digest="abc") and base.key("m") != base.key("other")
+
+
+def test_results_are_matched_to_requests_or_it_is_an_error(tmp_path):
+    from tandem.errors import EngineError
+    from tandem.lm import ScriptedLM
+    from tandem.lm.batching import DynamicBatcher
+
+    class Lossy(ScriptedLM):
+        def generate(self, reqs):
+            return super().generate(reqs)[:-1]  # drops the last reply
+
+    cached = CachedLM(Lossy(lambda r: "x"), tmp_path / "calls.sqlite")
+    with pytest.raises(EngineError, match="returned 1 results for 2 requests"):
+        cached.generate(requests()[:2])
+    batcher = DynamicBatcher(lambda items: items[:-1], max_batch=4, max_wait=0.01)
+    with pytest.raises(RuntimeError, match="returned 2 results"):
+        batcher.submit([1, 2, 3])  # fails the callers instead of leaving one waiting forever
+    batcher.close()

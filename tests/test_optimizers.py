@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tandem import ChainOfThought, Example, Program, ScriptedLM
+from tandem import ChainOfThought, Example, GenerationSettings, Program, ScriptedLM
 from tandem.optimizers import (
     OptimizeSettings, PromptSettings, WeightSettings, better_together, bootstrap_fewshot_rs, bootstrap_finetune,
     parse_strategy,
@@ -184,7 +184,7 @@ def test_weight_step_needs_an_lm_that_can_finetune(tmp_path):
 
 
 def test_better_together_scores_every_step_and_resumes_without_redoing(tmp_path):
-    settings = OptimizeSettings(prompts=PromptSettings(1, 0, 1), threads=4)
+    settings = OptimizeSettings(prompts=PromptSettings(1, 0, 1), generation=GenerationSettings(threads=4))
     args = (data([1, 2, 4, 6]), data([3, 8]), data([5, 10]), metric)
     lm = ScriptedLM(smart, trainable=True)
     small = {"small number": lambda e, p: float(int(p.double) < 10)}  # reported only, never optimized
@@ -215,7 +215,7 @@ def test_better_together_scores_every_step_and_resumes_without_redoing(tmp_path)
     longer = better_together(Double(), fourth, "p -> w -> p", *args, settings, run_dir=tmp_path, progress=False)
     assert [s.prefix for s in longer.steps] == ["zero-shot", "p", "p-w", "p-w-p"]
     assert fourth.finetuned == []
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results-p-w-p.json").read_text())
     assert results["strategy"] == "p -> w -> p" and len(results["steps"]) == 4
 
 
@@ -240,3 +240,61 @@ def test_weight_step_with_demos_trains_and_runs_with_them(tmp_path):
     answer_calls = [c for c in lm.finetuned[0] if "Double" in c[0]["content"]]
     assert answer_calls and all(any(m["role"] == "assistant" for m in c[:-1]) for c in answer_calls)
     assert result.program.answer.demos == program.answer.demos and result.summary()["with_demos"] is True
+
+
+def test_an_lm_that_raises_aborts_the_step_and_writes_no_finished_step(tmp_path):
+    def down(request):
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        better_together(Double(), ScriptedLM(down, trainable=True), "p", data([1, 2]), data([3]), data([4]), metric,
+                        run_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*/step.json"))  # resume will redo it, not trust a 0% that never ran
+
+
+def test_a_resumed_step_builds_on_the_loaded_program(tmp_path):
+    settings = OptimizeSettings(prompts=PromptSettings(1, 0, 1))
+    args = (data([1, 2, 4, 6]), data([3, 8]), data([5]), metric)
+    better_together(Double(), ScriptedLM(smart, trainable=True), "p -> w", *args, settings, run_dir=tmp_path,
+                    progress=False)
+    (tmp_path / "p-w" / "step.json").unlink()
+    resumed = ScriptedLM(smart, trainable=True)
+    better_together(Double(), resumed, "p -> w", *args, settings, run_dir=tmp_path, progress=False)
+    # The weight step's traces come from the loaded Π program: its calls carry Π's demos as earlier turns.
+    trace_calls = resumed.requests[: 2 * len(args[0])]
+    assert trace_calls and all(any(m["role"] == "assistant" for m in r.messages) for r in trace_calls)
+
+
+def test_the_best_step_is_chosen_by_val_even_when_test_disagrees(tmp_path):
+    val_numbers, test_numbers = [3, 8], [5, 10]
+
+    def contrary(request):
+        # With demos: right on val numbers, wrong on test numbers; without: the other way round.
+        demos = any(m["role"] == "assistant" for m in request.messages)
+        text = request.messages[-1]["content"]
+        n = int(text.split(": ")[1])
+        if "Number" in text:
+            return f"Reasoning: r\nRewritten: {n}"
+        right = (n in val_numbers) == demos if n in val_numbers + test_numbers else True
+        return f"Reasoning: r\nDouble: {2 * n if right else 0}"
+
+    result = better_together(Double(), ScriptedLM(contrary), "p", data([1, 2, 4]), data(val_numbers),
+                             data(test_numbers), metric, OptimizeSettings(prompts=PromptSettings(1, 0, 1)),
+                             run_dir=tmp_path, progress=False)
+    zero, p = result.steps
+    assert p.val > zero.val and p.test < zero.test
+    assert result.best == "p"
+
+
+def test_the_python_api_refuses_a_changed_configuration_in_a_used_run_folder(tmp_path):
+    from tandem.errors import UsageError
+
+    args = (data([1, 2]), data([3]), data([4]), metric)
+    better_together(Double(), ScriptedLM(smart), (), *args, run_dir=tmp_path, progress=False)
+    with pytest.raises(UsageError, match=r"settings\.seed: 0 -> 1"):
+        better_together(Double(), ScriptedLM(smart), (), *args, OptimizeSettings(seed=1), run_dir=tmp_path,
+                        progress=False)
+    with pytest.raises(UsageError, match=r"data\.val\.size: 1 -> 2"):
+        better_together(Double(), ScriptedLM(smart), (), args[0], data([3, 5]), *args[2:], run_dir=tmp_path,
+                        progress=False)
+    assert not list(tmp_path.glob("results-*.json"))[1:]  # only the first call wrote results

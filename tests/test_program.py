@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from tandem.errors import UsageError
+
 from tandem import ChainOfThought, Example, Predict, Program, ScriptedLM
 from tandem.program import load_state
 
@@ -43,7 +45,7 @@ def test_execute_records_one_trace_entry_per_call_with_messages_and_reply():
 def test_a_reply_that_does_not_parse_fails_the_run_not_the_caller():
     run = TwoStep().execute(ScriptedLM(lambda r: "I refuse"), {"question": "why?"})
     assert run.prediction is None
-    assert run.error.startswith("ParseError")
+    assert run.error.startswith("unparsed") and run.failure == "unparsed"
     assert run.trace[0].error and run.trace[0].reply == "I refuse"
 
 
@@ -104,5 +106,5 @@ def test_example_inputs_and_labels():
 def test_state_pointing_at_a_missing_adapter_is_refused(tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"adapter": "gone", "predictors": {}}))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         load_state(path)

@@ -38,6 +38,13 @@ def test_iris_metric_accepts_the_species_in_any_dress():
     assert not iris_metric(ex, Prediction(species="a flower"))
 
 
+def test_iris_metric_rejects_a_reply_that_merely_contains_the_species():
+    ex = load_task("iris").test[0]
+    for reply in (f"It is {ex.species}", f"{ex.species} or versicolor", f"{ex.species}, setosa, virginica",
+                  "setosa versicolor virginica"):
+        assert not iris_metric(ex, Prediction(species=reply)), reply
+
+
 @pytest.mark.parametrize("name,sizes", [("gsm8k", (6973, 500, 1319)), ("hotpotqa", (200, 200, 341)), ("iris", (50, 50, 50))])
 def test_splits_are_deterministic_disjoint_and_sized(name, sizes):
     a, b = load_task(name), load_task(name)

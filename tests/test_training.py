@@ -6,7 +6,8 @@ import pytest
 
 from tandem.lm import Request
 from tandem.lm.local import LocalLM
-from tandem.lm.training import LoraSettings, tokenize_chat
+from tandem.errors import ConfigError
+from tandem.lm.training import LoraSettings, lr_factor, tokenize_chat
 
 
 def conversations():
@@ -36,7 +37,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 def test_loss_is_only_on_the_assistant_reply(tiny_model_dir):
     lm = LocalLM(tiny_model_dir, dtype="float32")
-    ids, labels = tokenize_chat(lm.tokenizer, lm.prompt_text, conversations()[0], max_length=512)
+    ids, labels = tokenize_chat(lm.tokenizer, lm.prompt_text, conversations()[0])
     target = [t for t in labels if t != -100]
     assert len(ids) == len(labels) and 0 < len(target) < len(ids)
     assert lm.tokenizer.decode(target).startswith("Color: blue")
@@ -69,9 +70,10 @@ def test_saved_adapter_reloads_to_the_same_outputs(trained, tiny_model_dir):
 
 
 def test_lora_settings_name_the_bad_field():
-    with pytest.raises(ValueError, match="lora.rank"):
+    with pytest.raises(ConfigError, match="rank must be >= 1") as info:
         LoraSettings(rank=0)
-    with pytest.raises(ValueError, match="lora.learning_rate"):
+    assert info.value.field == "rank"
+    with pytest.raises(ConfigError, match="learning_rate must be < 1"):
         LoraSettings(learning_rate=2.0)
 
 
@@ -90,3 +92,45 @@ def test_training_again_after_serving_an_adapter(trained, tmp_path):
     assert report.steps > 0 and (tmp_path / "second" / "adapter_model.safetensors").exists()
     again = [c.text for c in lm.generate([Request(r.messages, r.max_new_tokens, adapter=str(first)) for r in prompts()])]
     assert again == after  # the first adapter still serves the same replies
+
+
+def test_learning_rate_warms_up_and_never_reaches_zero_before_the_end():
+    # The old schedule on a 6-step run: 1.0, .905, .655, .345, .095, 0.0 (no warm-up, last step wasted).
+    factors = [lr_factor(step, 6, warmup_ratio=0.1, floor=0.1) for step in range(6)]
+    assert factors[0] < factors[1] == 1.0  # warm-up first
+    assert all(a > b for a, b in zip(factors[1:], factors[2:]))  # then a steady decay
+    assert factors[-1] == pytest.approx(0.1) and min(factors) > 0
+    assert lr_factor(0, 1, 0.1, 0.1) == 1.0  # a single step trains at the full rate
+
+
+def test_the_loop_makes_exactly_the_optimizer_steps_it_reports(tiny_model_dir, tmp_path):
+    import torch
+
+    stepped = []
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: stepped.append(1))
+    lm = LocalLM(tiny_model_dir, dtype="float32")
+    rng_before = torch.get_rng_state()
+    try:
+        settings = LoraSettings(epochs=3, batch_size=4, micro_batch_size=2)  # 8 calls: 2 steps an epoch
+        report = lm.finetune(conversations(), tmp_path / "adapter", settings, progress=False)
+    finally:
+        handle.remove()
+        lm.close()
+    assert report.steps == len(stepped) == len(report.learning_rates) == 6  # 8 calls, micro-batches of 2, 2 of them a step
+    assert min(report.learning_rates) > 0
+    assert torch.equal(torch.get_rng_state(), rng_before)  # LoRA init was seeded in a fork: no global seed left behind
+
+
+def test_over_long_calls_are_left_out_and_counted_never_cut(tiny_model_dir, tmp_path):
+    lm = LocalLM(tiny_model_dir, dtype="float32")
+    long = [[*c[:-2], {"role": "user", "content": "Thing: " + "very " * 200 + "long"}, c[-1]] for c in conversations()[:2]]
+    try:
+        report = lm.finetune(conversations()[:4] + long, tmp_path / "adapter", LoraSettings(epochs=1, max_length=128),
+                             progress=False)
+        assert report.examples == 4 and report.dropped_too_long == 2
+        with pytest.raises(ConfigError, match="max_length"):
+            lm.finetune(long, tmp_path / "none", LoraSettings(epochs=1, max_length=128), progress=False)
+    finally:
+        lm.close()

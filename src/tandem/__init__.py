@@ -3,12 +3,13 @@
 from .evaluate import EvalResult, evaluate
 from .lm import LM, CachedLM, Completion, Request, ScriptedLM, load_lm
 from .program import ChainOfThought, Example, Predict, Prediction, Program, Run, TraceEntry
-from .prompts import ParseError, parse_reply, render_messages
+from .prompts import ModelOutputError, ParseError, Truncated, parse_reply, render_messages
+from .settings import GenerationSettings, OptimizeSettings
 from .signatures import Field, Signature
 
 __version__ = "0.1.0"
 __all__ = [
     "Signature", "Field", "Predict", "ChainOfThought", "Program", "Run", "Example", "Prediction", "TraceEntry",
     "render_messages", "parse_reply", "ParseError", "LM", "Request", "Completion", "CachedLM", "ScriptedLM",
-    "load_lm", "evaluate", "EvalResult",
+    "load_lm", "evaluate", "EvalResult", "ModelOutputError", "Truncated", "GenerationSettings", "OptimizeSettings",
 ]

@@ -6,12 +6,17 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
+import traceback
 from pathlib import Path
 from typing import Sequence
 
-from .lm.models import ModelNotFoundError, cache_root
-from .tasks import LOADERS, DataNotFoundError, load_task
+from .errors import ConfigError, TandemError, UsageError
+from .lm.models import cache_root
+from .settings import (
+    BUDGETS, DataSettings, EngineSettings, GenerationSettings, JobSettings, OptimizeSettings, add_arguments, flag_of,
+    overrides_from_args, resolve_budget, to_dict, with_overrides,
+)
+from .tasks import LOADERS, load_task
 
 log = logging.getLogger("tandem")
 
@@ -27,19 +32,20 @@ def _add_common(p: argparse.ArgumentParser, model_required: bool = True) -> None
     p.add_argument("--program", help="a program state JSON (instructions, demos, adapter) to load")
 
 
-def _add_engine(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"], help="weights dtype; auto times bf16 against fp32 on this machine and takes the faster")
-    g.add_argument("--batch-size", type=int, default=32, help="most requests per batched generate call")
-    g.add_argument("--threads", type=int, default=32, help="program executions run concurrently (feeds the batcher)")
-    g.add_argument("--max-new-tokens", type=int, default=384, help="cap on tokens generated per module call")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    g.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk LM call cache")
+def _add_job(p: argparse.ArgumentParser, budget_default: str | None) -> None:
+    """The flags of `optimize` and `experiment`: the same settings under the same names."""
+    p.add_argument("--run-dir", required=True, help="folder for config, step programs, adapters, scores; rerun to resume")
+    p.add_argument("--budget", default=budget_default, choices=sorted(BUDGETS),
+                   help="a named preset of the settings below (sizes, candidates, demos, LoRA, tokens); "
+                        f"flags still override it (default: {budget_default or 'none: the defaults shown'})")
+    add_arguments(p, DataSettings, "data")
+    add_arguments(p, OptimizeSettings, "optimizers (Π: prompts, Θ: weights, and sampling)")
+    add_arguments(p, EngineSettings, "engine")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Optimize LM programs' prompts and weights in tandem.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details; show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="evaluate a program on a task split")
@@ -48,51 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N examples of the split")
     p.add_argument("--max-errors", type=int, help="stop once more than N examples have failed (default: never)")
     p.add_argument("--output", help="write per-example results (prediction, score, error, trace) as JSONL here")
-    _add_engine(p)
+    add_arguments(p, GenerationSettings, "sampling")
+    add_arguments(p, EngineSettings, "engine")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("show-prompt", help="print the exact messages every module sends for one example")
     _add_common(p, model_required=False)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--index", type=int, default=0, help="which example of the split")
-    _add_engine(p)
+    add_arguments(p, GenerationSettings, "sampling")
+    add_arguments(p, EngineSettings, "engine")
     p.set_defaults(func=cmd_show_prompt)
 
     p = sub.add_parser("optimize", help="run a BetterTogether strategy and keep the best step")
     _add_common(p)
     p.add_argument("--strategy", default="p -> w -> p", help="p (prompts) and w (weights) steps joined by '->'")
-    p.add_argument("--run-dir", required=True, help="folder for config, step programs, adapters, scores; rerun to resume")
-    p.add_argument("--seed", type=int, default=0, help="seeds candidate shuffles and LoRA init")
-    g = p.add_argument_group("data")
-    g.add_argument("--train-size", type=int, default=100, help="training examples used by the optimizers")
-    g.add_argument("--val-size", type=int, default=100, help="validation examples: pick candidates and the best step")
-    g.add_argument("--test-size", type=int, default=200, help="test examples: reported, never used to choose")
-    g = p.add_argument_group("prompt steps (Π)")
-    g.add_argument("--candidates", type=int, default=6, help="shuffled bootstrap candidates besides the named three")
-    g.add_argument("--max-bootstrapped", type=int, default=3, help="most bootstrapped demos per module")
-    g.add_argument("--max-labeled", type=int, default=3, help="most labeled demos per module")
-    g = p.add_argument_group("weight steps (Θ)")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate")
-    g.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    g.add_argument("--alpha", type=int, default=32, help="LoRA alpha")
-    g.add_argument("--with-demos", action="store_true", help="train and run with the program's demos (paper: without)")
-    _add_engine(p)
+    _add_job(p, budget_default=None)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("experiment", help="the paper's grid: strategies x seeds, with a report and charts")
     _add_common(p)
     p.add_argument("--strategies", default="all", help="'all' or a comma list: vanilla, p, w, p -> w, w -> p, ...")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; cells report mean ± std")
-    p.add_argument("--run-dir", required=True, help="grid folder (seed-N/ holds each seed's shared steps); rerun to resume")
-    p.add_argument("--budget", default="tiny", choices=["tiny", "small", "paper"], help="preset for every size below")
-    g = p.add_argument_group("budget overrides (default: from --budget)")
-    for name, kind in [("train-size", int), ("val-size", int), ("test-size", int), ("candidates", int),
-                       ("max-bootstrapped", int), ("max-labeled", int), ("epochs", int), ("learning-rate", float),
-                       ("rank", int)]:
-        g.add_argument(f"--{name}", type=kind)
-    _add_engine(p)
-    p.set_defaults(func=cmd_experiment, max_new_tokens=None)
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on; cells report mean ± std")
+    _add_job(p, budget_default="tiny")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("report", help="rebuild report.md, CSV/JSON and charts of an experiment folder")
     p.add_argument("run_dir")
@@ -104,7 +89,11 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _settings(cls: type, args: argparse.Namespace):
+    return with_overrides(cls(), overrides_from_args(cls, args))
 
 
 def _program(task, args):
@@ -112,25 +101,24 @@ def _program(task, args):
     return program.load(args.program) if args.program else program
 
 
-def _lm(args):
+def _lm(args, engine: EngineSettings):
     from .lm import load_lm
 
-    cache = None if args.no_cache else str(cache_root() / "calls.sqlite")
-    return load_lm(args.model, cache=cache, dtype=args.dtype, max_batch=args.batch_size)
+    cache = str(cache_root() / "calls.sqlite") if engine.cache else None
+    return load_lm(args.model, cache=cache, dtype=engine.dtype, device=engine.device, max_batch=engine.max_batch)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    _check_positive(args, "limit", "batch_size", "threads", "max_new_tokens")
+    _check_positive(args, "limit")
+    generation, engine = _settings(GenerationSettings, args), _settings(EngineSettings, args)
     task = load_task(args.task, args.data_dir)
     program = _program(task, args)
     examples = task.split(args.split)[: args.limit]
-    lm = _lm(args)
-    result = evaluate(
-        program, lm, examples, task.metric, threads=args.threads, max_errors=args.max_errors,
-        desc=f"{args.task}/{args.split}", temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-    )
+    lm = _lm(args, engine)
+    result = evaluate(program, lm, examples, task.metric, generation, max_errors=args.max_errors,
+                      desc=f"{args.task}/{args.split}")
     print(f"{args.task} {args.split}: {result.summary()}")
     for name, m in task.report_metrics.items():
         value = result.mean(m)
@@ -146,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with open(args.output, "w", encoding="utf-8") as f:
             for r in result.results:
                 row = {"example": dict(r.example), "prediction": r.prediction, "score": r.score, "error": r.error,
-                       "trace": [trace_as_dict(t) for t in r.trace]}
+                       "failure": r.failure, "trace": [trace_as_dict(t) for t in r.trace]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"per-example results: {args.output}")
     return 0
@@ -161,13 +149,14 @@ def cmd_show_prompt(args: argparse.Namespace) -> int:
     program = _program(task, args)
     examples = task.split(args.split)
     if not 0 <= args.index < len(examples):
-        raise ValueError(f"--index must be in [0, {len(examples) - 1}] for the {args.split} split")
+        raise UsageError(f"--index must be in [0, {len(examples) - 1}] for the {args.split} split")
+    generation = _settings(GenerationSettings, args)
     if args.model:
-        lm = _lm(args)
+        lm = _lm(args, _settings(EngineSettings, args))
     else:
         # No model: every module answers with placeholders so the whole pipeline's prompts show.
         lm = ScriptedLM(lambda request: placeholder_reply(request.messages), name="placeholder")
-    run: Run = program.execute(lm, examples[args.index].inputs(), temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    run: Run = program.execute(lm, examples[args.index].inputs(), **generation.run_kwargs())
     for entry in run.trace:
         print(f"===== module: {entry.module} =====")
         for m in entry.messages:
@@ -179,82 +168,61 @@ def cmd_show_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
-def optimize_settings(args: argparse.Namespace):
-    from .lm.training import LoraSettings
-    from .optimizers import OptimizeSettings, PromptSettings, WeightSettings
-
-    return OptimizeSettings(
-        prompts=PromptSettings(args.max_bootstrapped, args.max_labeled, args.candidates),
-        weights=WeightSettings(LoraSettings(rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs),
-                               with_demos=args.with_demos),
-        seed=args.seed, temperature=args.temperature, max_new_tokens=args.max_new_tokens, threads=args.threads,
-    )
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    """Nested settings as dotted names, so a refused change names the field: `resolved.epochs`."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_run_config(run_dir: Path, config: dict) -> None:
-    """A run folder holds one configuration; strategies and seeds may change (each has its own folders), nothing else."""
-    path = run_dir / "config.json"
-    if path.exists():
-        old, new = _flat(json.loads(path.read_text(encoding="utf-8"))), _flat(config)
-        changed = sorted(k for k in set(old) | set(new) if k not in ("strategy", "seeds") and old.get(k) != new.get(k))
-        if changed:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            raise ValueError(f"{run_dir} holds a run with another configuration ({detail}); use another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+def _job(args: argparse.Namespace) -> JobSettings:
+    """Defaults, then the budget preset, then the flags given: the one way settings are resolved."""
+    overrides = {**overrides_from_args(DataSettings, args), **overrides_from_args(OptimizeSettings, args)}
+    return resolve_budget(args.budget, args.task, overrides)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from .optimizers import better_together, parse_strategy
-    from .optimizers.better_together import pretty
+    from .optimizers.better_together import pretty, results_path
 
-    _check_positive(args, "train_size", "val_size", "test_size", "batch_size", "threads", "max_new_tokens", "epochs")
     steps = parse_strategy(args.strategy)
-    settings = optimize_settings(args)
+    job, engine = _job(args), _settings(EngineSettings, args)
     task = load_task(args.task, args.data_dir)
-    train, val, test = task.train[: args.train_size], task.val[: args.val_size], task.test[: args.test_size]
+    sizes = job.data
+    train, val, test = task.train[: sizes.train_size], task.val[: sizes.val_size], task.test[: sizes.test_size]
     run_dir = Path(args.run_dir)
-    config = {"task": args.task, "model": args.model, "strategy": pretty(steps), "program": args.program,
-              "sizes": {"train": len(train), "val": len(val), "test": len(test)}, "dtype": args.dtype,
-              "settings": settings.to_dict()}
-    check_run_config(run_dir, config)
-    lm = _lm(args)
-    result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, settings, run_dir=run_dir,
-                             report_metrics=task.report_metrics)
+    _check_folder(run_dir, args, job)
+    lm = _lm(args, engine)
+    result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, job.optimize,
+                             run_dir=run_dir, report_metrics=task.report_metrics,
+                             config={"task": args.task, "budget": args.budget})
     print(f"{args.task} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test)")
     print(result.table())
-    print(f"best program: {run_dir / result.best / 'program.json'}; all results: {run_dir / 'results.json'}")
+    print(f"best program: {run_dir / result.best / 'program.json'}; all results: {results_path(run_dir, steps)}")
     return 0
 
 
-def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments import parse_strategies, resolve_budget, run_grid, table, write_report
+def _check_folder(run_dir: Path, args: argparse.Namespace, job: JobSettings) -> None:
+    """Refuse a folder made with other settings before the model is loaded (the library checks again)."""
+    from .rundir import CONFIG, changed_fields
 
-    _check_positive(args, "seeds", "batch_size", "threads")
+    path = run_dir / CONFIG
+    if not path.exists():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    new = {"settings": to_dict(job.optimize)} if args.command == "optimize" else {"settings": to_dict(job)}
+    changed = changed_fields({k: old.get(k) for k in new}, new)
+    if changed:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+        raise UsageError(f"{run_dir} holds a run with another configuration ({detail}); use another run folder")
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import parse_strategies, run_grid, table, write_report
+
+    _check_positive(args, "seeds")
     strategies = parse_strategies(args.strategies)
-    overrides = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size", "candidates", "max_bootstrapped",
-                                                "max_labeled", "epochs", "learning_rate", "rank", "max_new_tokens")}
-    budget = resolve_budget(args.budget, args.task, **overrides)
-    args.max_new_tokens = budget.max_new_tokens
+    job, engine = _job(args), _settings(EngineSettings, args)
     task = load_task(args.task, args.data_dir)
     run_dir = Path(args.run_dir)
-    config = {"task": args.task, "model": args.model, "strategy": list(strategies), "seeds": args.seeds,
-              "budget": args.budget, "resolved": asdict(budget), "program": args.program, "dtype": args.dtype,
-              "temperature": args.temperature}
-    check_run_config(run_dir, config)
-    lm = _lm(args)
-    run_grid(task, _program(task, args), lm, strategies, range(args.seeds), budget, run_dir, threads=args.threads)
+    _check_folder(run_dir, args, job)
+    lm = _lm(args, engine)
+    seeds = range(job.optimize.seed, job.optimize.seed + args.seeds)
+    run_grid(task, _program(task, args), lm, strategies, seeds, job, run_dir,
+             config={"model": args.model, "budget": args.budget, "program": args.program})
     report = write_report(run_dir)
     print(f"{args.task} on {args.model}, budget {args.budget}, {args.seeds} seed(s): test accuracy")
     print(table(run_dir))
@@ -272,6 +240,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a usage error (bad flag, value, name or file), 1 a runtime error
+    (the model or engine failed, the error budget ran out, a bug), 130 interrupted. Each error is
+    one line; -v shows its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
@@ -280,12 +251,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown task '{args.task}': choose one of {', '.join(sorted(LOADERS))}")
     try:
         return args.func(args)
-    except (ModelNotFoundError, DataNotFoundError, FileNotFoundError, ValueError) as exc:
-        print(f"tandem: error: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        _fail(args, f"{_flag(exc.field)} {exc.message}")
+        return 2
+    except UsageError as exc:
+        _fail(args, str(exc))
         return 2
     except KeyboardInterrupt:
         print("tandem: interrupted", file=sys.stderr)
         return 130
+    except TandemError as exc:
+        _fail(args, str(exc))
+        return 1
+    except Exception as exc:  # a runtime failure or a bug: one line, the traceback with -v
+        _fail(args, f"{type(exc).__name__}: {exc}" + ("" if args.verbose else " (rerun with -v for the traceback)"))
+        return 1
+
+
+def _flag(field: str) -> str:
+    """`temperature` -> `--temperature`, for every settings class the command line derives flags from."""
+    for cls in (GenerationSettings, EngineSettings, DataSettings, OptimizeSettings):
+        flag = flag_of(cls, field)
+        if flag != field:
+            return flag
+    return field
+
+
+def _fail(args: argparse.Namespace, line: str) -> None:
+    if args.verbose:
+        traceback.print_exc()
+    print(f"tandem: error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The one evaluation loop: run a program over examples concurrently, score each, count failures.
 
 Concurrency is what makes a local model fast: N executions run in threads, and their LM calls
-meet in the backend's dynamic batcher. A failed example (a reply that does not parse, say)
-scores 0 and is counted; past `max_errors` the evaluation stops with the first error shown.
+meet in the backend's dynamic batcher. Only what the model wrote fails an example softly: a
+reply that does not parse, one cut at its token limit, or a prediction the metric cannot score.
+Such an example scores 0 and is counted by kind; past `max_errors` the evaluation stops. Any
+other error (the LM backend failing, a bug in the program) stops the evaluation at once.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from .errors import TandemError
 from .lm.base import LM
 from .program import Example, Prediction, Program, TraceEntry
+from .settings import GenerationSettings
 
 log = logging.getLogger(__name__)
 
 Metric = Callable[[Example, Prediction], float]
 
 
-class ErrorBudgetExceeded(RuntimeError):
+METRIC_FAILURE = "metric could not score"
+
+
+class ErrorBudgetExceeded(TandemError, RuntimeError):
     pass
 
 
@@ -34,7 +41,8 @@ class ExampleResult:
     prediction: Prediction | None
     score: float
     trace: list[TraceEntry]
-    error: str | None = None
+    error: str | None = None  # why the example failed, when it did
+    failure: str | None = None  # the kind of failure: "unparsed", "truncated at 96 tokens before Species", ...
 
 
 @dataclass
@@ -59,14 +67,15 @@ class EvalResult:
         kept = [v for v in values if v is not None]
         return 100.0 * sum(kept) / len(kept) if kept else None
 
-    def error_kinds(self) -> Counter[str]:
-        return Counter(r.error.split(":", 1)[0] for r in self.results if r.error)
+    def failures(self) -> dict[str, int]:
+        """Failed examples by kind, most frequent first."""
+        return dict(Counter(r.failure for r in self.results if r.failure).most_common())
 
     def summary(self) -> str:
         n = len(self.results)
         line = f"score {self.score:.1f}% on {n} examples, {self.n_errors} failed"
         if self.n_errors:
-            line += " (" + ", ".join(f"{k}: {v}" for k, v in self.error_kinds().most_common()) + ")"
+            line += " (" + describe_failures(self.failures()) + ")"
         rate = n / self.seconds if self.seconds else 0.0
         line += f", {self.seconds:.1f}s ({rate:.2f} examples/s)"
         return line
@@ -77,13 +86,14 @@ def evaluate(
     lm: LM,
     examples: Sequence[Example],
     metric: Metric,
+    generation: GenerationSettings = GenerationSettings(),
     *,
-    threads: int = 32,
     max_errors: int | None = None,
     progress: bool = True,
     desc: str = "eval",
-    **run_settings: Any,
 ) -> EvalResult:
+    """Run `program` on every example (`generation.threads` at once) and score it with `metric`."""
+    run_settings = generation.run_kwargs()
     started = time.perf_counter()
     usage_before = _usage(lm)
     results: list[ExampleResult | None] = [None] * len(examples)
@@ -92,16 +102,18 @@ def evaluate(
 
     def one(example: Example) -> ExampleResult:
         run = program.execute(lm, example.inputs(), **run_settings)
-        if run.error is not None:
-            return ExampleResult(example, None, 0.0, run.trace, run.error)
+        if run.failure is not None:
+            return ExampleResult(example, None, 0.0, run.trace, run.error, run.failure)
         try:
             score = float(metric(example, run.prediction))
-        except Exception as exc:  # a metric that chokes on odd output fails this example only
-            return ExampleResult(example, run.prediction, 0.0, run.trace, f"MetricError: {type(exc).__name__}: {exc}")
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as exc:
+            # The prediction is odd in a way the metric cannot score: this example fails, counted.
+            error = f"{METRIC_FAILURE}: {type(exc).__name__}: {exc}"
+            return ExampleResult(example, run.prediction, 0.0, run.trace, error, METRIC_FAILURE)
         return ExampleResult(example, run.prediction, score, run.trace)
 
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    with ThreadPoolExecutor(max_workers=generation.threads) as pool:
         futures = {pool.submit(one, ex): i for i, ex in enumerate(examples)}
         try:
             for fut in as_completed(futures):
@@ -129,6 +141,12 @@ def evaluate(
             bar.close()
     done = [r for r in results if r is not None]
     return EvalResult(done, time.perf_counter() - started, _usage_delta(usage_before, _usage(lm)))
+
+
+def describe_failures(failures: dict[str, int], total: int | None = None) -> str:
+    """`{"unparsed": 3, "truncated at 96 tokens before Species": 2}` -> "3 unparsed, 2 truncated ..."."""
+    of = f"/{total}" if total is not None else ""
+    return ", ".join(f"{n}{of} {kind}" for kind, n in failures.items())
 
 
 def _usage(lm: LM) -> dict[str, float]:

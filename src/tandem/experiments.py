@@ -11,16 +11,17 @@ import csv
 import json
 import logging
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+from .evaluate import describe_failures
 from .lm.base import LM
-from .lm.training import LoraSettings
-from .optimizers.better_together import OptimizeSettings, better_together, parse_strategy
-from .optimizers.prompts import PromptSettings
-from .optimizers.weights import WeightSettings
+from .optimizers.better_together import better_together, parse_strategy
 from .program import Program
+from .rundir import claim, describe_lm
+from .settings import BUDGETS, JobSettings, resolve_budget, to_dict
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -36,56 +37,6 @@ STRATEGIES = {
     "Π→Π": "p -> p",
     "Θ→Θ": "w -> w",
 }
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Everything that sets how much work a grid does; presets below, each field overridable."""
-
-    train_size: int
-    val_size: int
-    test_size: int
-    candidates: int
-    max_bootstrapped: int
-    max_labeled: int
-    epochs: int
-    learning_rate: float
-    rank: int
-    max_new_tokens: int
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if value <= 0 and name not in ("max_bootstrapped", "max_labeled", "candidates"):
-                raise ValueError(f"budget.{name} must be > 0, got {value}")
-
-    def settings(self, seed: int, threads: int = 32) -> OptimizeSettings:
-        lora = LoraSettings(rank=self.rank, alpha=2 * self.rank, learning_rate=self.learning_rate, epochs=self.epochs)
-        return OptimizeSettings(
-            prompts=PromptSettings(self.max_bootstrapped, self.max_labeled, self.candidates),
-            weights=WeightSettings(lora), seed=seed, max_new_tokens=self.max_new_tokens, threads=threads,
-        )
-
-
-# tiny: minutes on a 2-core CPU with a 135M model; small: an hour or so; paper: the paper's settings
-# (prompt optimization on 100 train / 250 val, Iris 15 / 35; LoRA rank 32, 5 epochs).
-BUDGETS = {
-    "tiny": Budget(15, 20, 50, 2, 3, 3, 2, 3e-4, 16, 96),
-    "small": Budget(50, 50, 100, 4, 3, 3, 3, 3e-4, 16, 256),
-    "paper": Budget(100, 250, 1500, 6, 3, 3, 5, 1e-4, 32, 1024),
-}
-PAPER_IRIS = {"train_size": 15, "val_size": 35}
-
-
-def resolve_budget(name: str, task: str, **overrides: Any) -> Budget:
-    if name not in BUDGETS:
-        raise ValueError(f"unknown budget '{name}': choose one of {', '.join(BUDGETS)}")
-    budget = BUDGETS[name]
-    if name == "paper" and task == "iris":
-        budget = replace(budget, **PAPER_IRIS)
-    unknown = set(overrides) - set(asdict(budget))
-    if unknown:
-        raise ValueError(f"unknown budget fields: {sorted(unknown)}")
-    return replace(budget, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def parse_strategies(text: str) -> dict[str, str]:
@@ -117,6 +68,7 @@ class Cell:
     notes: str = ""
     test_failed: int | None = None  # test examples whose run failed (an unparsed reply, say), scored 0
     test_metrics: dict[str, float | None] = field(default_factory=dict)  # the task's report metrics on test
+    test_failures: dict[str, int] = field(default_factory=dict)  # failed test runs by kind
 
 
 def run_grid(
@@ -125,27 +77,37 @@ def run_grid(
     lm: LM,
     strategies: dict[str, str],
     seeds: Sequence[int],
-    budget: Budget,
+    job: JobSettings,
     run_dir: str | Path,
-    threads: int = 32,
     progress: bool = True,
+    config: Mapping[str, Any] | None = None,
 ) -> list[Cell]:
+    """Every strategy for every seed; returns this call's cells and merges them into cells.json.
+
+    The folder holds one configuration (refused otherwise, naming the field); more seeds or
+    strategies extend it.
+    """
     run_dir = Path(run_dir)
-    train, val, test = task.train[: budget.train_size], task.val[: budget.val_size], task.test[: budget.test_size]
+    claim(run_dir, {**(config or {}), "task": task.name, "lm": describe_lm(lm), "settings": to_dict(job),
+                    "strategies": list(strategies.values()), "seeds": list(seeds)})
+    sizes = job.data
+    train, val, test = task.train[: sizes.train_size], task.val[: sizes.val_size], task.test[: sizes.test_size]
     cells = []
     for seed in seeds:
-        seed_dir = run_dir / f"seed-{seed}"
-        settings = budget.settings(seed, threads)
+        settings = replace(job.optimize, seed=seed)
         for label, strategy in strategies.items():
             steps = parse_strategy(strategy) if strategy else ()
             log.info("seed %d, %s", seed, label)
             result = better_together(program, lm, steps, train, val, test, task.metric, settings,
-                                     run_dir=seed_dir, progress=progress, report_metrics=task.report_metrics)
+                                     run_dir=run_dir / f"seed-{seed}", progress=progress,
+                                     report_metrics=task.report_metrics, config={"task": task.name})
             last = result.steps[-1]
             cells.append(Cell(task.name, label, seed, last.val, last.test, last.seconds,
                               sum(s.seconds for s in result.steps), "; ".join(last.details.get("notes", [])),
-                              last.test_errors, last.test_metrics))
-    write_cells(run_dir, cells)
+                              last.test_errors, last.test_metrics, last.test_failures))
+    old = read_cells(run_dir) if (run_dir / "cells.json").exists() else []
+    mine = {(c.task, c.strategy, c.seed) for c in cells}
+    write_cells(run_dir, [c for c in old if (c.task, c.strategy, c.seed) not in mine] + cells)
     return cells
 
 
@@ -155,6 +117,7 @@ def write_cells(run_dir: Path, cells: Sequence[Cell]) -> None:
     for c in cells:  # CSV: one column per report metric
         row = asdict(c)
         row.update({f"test {name}": value for name, value in row.pop("test_metrics").items()})
+        row["test_failures"] = describe_failures(row["test_failures"])
         rows.append(row)
     with open(run_dir / "cells.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
@@ -186,6 +149,7 @@ def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
             "test_std": test_std,
             "val_mean": statistics.mean(c.val for c in group),
             "failed": statistics.mean(failed) if failed else None,
+            "failure_kinds": _mean_failures(group),
             "metrics": _mean_metrics(group),
             "seconds": statistics.mean(c.seconds for c in group),
             "notes": sorted({c.notes for c in group if c.notes}),
@@ -199,6 +163,14 @@ def _spread(values: Sequence[float | None]) -> tuple[float, float] | None:
     if not kept:
         return None
     return statistics.mean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0
+
+
+def _mean_failures(cells: Sequence[Cell]) -> dict[str, float]:
+    """Failed runs per kind, mean over the cells (a cell without that kind counts 0)."""
+    kinds = Counter()
+    for c in cells:
+        kinds.update(c.test_failures)
+    return {kind: n / len(cells) for kind, n in kinds.most_common()}
 
 
 def _mean_metrics(cells: Sequence[Cell]) -> dict[str, tuple[float, float] | None]:
@@ -250,7 +222,8 @@ def write_report(run_dir: str | Path) -> Path:
         rows = summarize([c for c in cells if c.task == task])
         seeds = max(r["seeds"] for r in rows)
         title = f"{task}, {config.get('model', '')}, mean ± std over {seeds} seed(s)"
-        chart = plot(rows, title, run_dir / f"{task}.png", config.get("resolved", {}).get("test_size"))
+        test_size = config.get("settings", {}).get("data", {}).get("test_size")
+        chart = plot(rows, title, run_dir / f"{task}.png", test_size)
         also = list(dict.fromkeys(name for r in rows for name in r["metrics"]))  # the task's report metrics
         header = ["strategy", "test % (mean ± std)", *[f"{name} %" for name in also], "val %", "failed runs (test)",
                   "seeds", "time per cell (s)", "notes"]
@@ -258,7 +231,7 @@ def write_report(run_dir: str | Path) -> Path:
                   "|" + "---|" * len(header)]
         for r in rows:
             cols = [r["strategy"], _test(r), *[_mean_std(r["metrics"].get(name)) for name in also], f"{r['val_mean']:.1f}",
-                    _number(r["failed"]), r["seeds"], f"{r['seconds']:.0f}", "; ".join(r["notes"])]
+                    _failed(r, test_size), r["seeds"], f"{r['seconds']:.0f}", "; ".join(r["notes"])]
             lines.append("| " + " | ".join(map(str, cols)) + " |")
         lines.append("")
     lines += ["## Settings", "", "```json", json.dumps(config, indent=1, ensure_ascii=False), "```", "",
@@ -280,6 +253,15 @@ def _test(row: dict[str, Any]) -> str:
     return _mean_std(None if row["test_mean"] is None else (row["test_mean"], row["test_std"]))
 
 
+def _failed(row: dict[str, Any], total: int | None) -> str:
+    """"50/50: 50 truncated at 96 tokens before Species": how many failed, and why."""
+    if row["failed"] is None:
+        return "-"
+    of = f"/{total}" if total else ""
+    kinds = ", ".join(f"{round(n, 1):g} {kind}" for kind, n in row["failure_kinds"].items())
+    return f"{round(row['failed'], 1):g}{of}" + (f": {kinds}" if kinds else "")
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -292,5 +274,5 @@ def table(run_dir: str | Path) -> str:
     return "\n".join(out)
 
 
-__all__ = ["STRATEGIES", "BUDGETS", "Budget", "resolve_budget", "parse_strategies", "run_grid", "write_report",
+__all__ = ["STRATEGIES", "BUDGETS", "resolve_budget", "parse_strategies", "run_grid", "write_report",
            "read_cells", "summarize", "table"]

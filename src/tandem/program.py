@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import UsageError
 from .lm.base import LM, Message, Request
-from .prompts import ParseError, parse_reply, render_messages, stop_strings
+from .prompts import ModelOutputError, ParseError, Truncated, parse_reply, render_messages, stop_strings
 from .signatures import REASONING, Signature, ensure_signature
 
 STATE_VERSION = 1
@@ -85,7 +86,8 @@ class Run:
     seed: int = 0
     trace: list[TraceEntry] = field(default_factory=list)
     prediction: Prediction | None = None
-    error: str | None = None
+    error: str | None = None  # the failure's message, when what the model wrote could not be used
+    failure: str | None = None  # its kind: "unparsed", "truncated at 96 tokens before Species", ...
     exception: Exception | None = field(default=None, repr=False)
 
 
@@ -146,12 +148,16 @@ class Predict(Module):
         )
         entry = TraceEntry(self.name, dict(inputs), messages)
         run.trace.append(entry)
-        entry.reply = run.lm.generate([request])[0].text
+        (completion,) = run.lm.generate([request])
+        entry.reply = completion.text
         try:
             entry.outputs = parse_reply(self.signature, entry.reply)
         except ParseError as exc:
-            entry.error = str(exc)
-            raise
+            if completion.finish_reason == "length" and exc.missing:  # it never got there: say so, not "no field"
+                label = {f.name: f.label for f in self.signature.outputs}[exc.missing[0]]
+                exc = Truncated(limit, label, entry.reply)
+            entry.error = f"{exc.kind}: {exc}"
+            raise exc from None
         return Prediction(entry.outputs)
 
     def get_state(self) -> dict[str, Any]:
@@ -182,14 +188,20 @@ class Program(Module):
         raise NotImplementedError
 
     def execute(self, lm: LM, inputs: Mapping[str, Any], **settings: Any) -> Run:
-        """Run the program once. A failure (e.g. a reply that does not parse) is recorded on the Run, not raised."""
+        """Run the program once.
+
+        Only what the model wrote may fail softly: a ModelOutputError (a reply that does not parse,
+        or was cut at its token limit) is recorded on the Run with its kind. Anything else (the
+        LM backend raising, a bug in `forward`) propagates and stops the caller.
+        """
         for name, predictor in self.named_predictors():
             predictor.name = name
         run = Run(lm, adapter=self.adapter, **settings)
         try:
             run.prediction = self.forward(run, **inputs)
-        except Exception as exc:  # per example: counted by the evaluator against its error budget
-            run.error = f"{type(exc).__name__}: {exc}"
+        except ModelOutputError as exc:
+            run.error = f"{exc.kind}: {exc}"
+            run.failure = exc.kind
             run.exception = exc
         return run
 
@@ -206,7 +218,7 @@ class Program(Module):
         mine = dict(self.named_predictors())
         theirs = state.get("predictors", {})
         if set(mine) != set(theirs):
-            raise ValueError(
+            raise UsageError(
                 f"state does not fit this program: it has predictors {sorted(theirs)}, the program {sorted(mine)}"
             )
         for name, predictor in mine.items():
@@ -248,15 +260,15 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"program state file not found: {path}") from None
+        raise UsageError(f"program state file not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        raise UsageError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(state, dict) or "predictors" not in state:
-        raise ValueError(f"{path} is not a tandem program state (no 'predictors' key)")
+        raise UsageError(f"{path} is not a tandem program state (no 'predictors' key)")
     if state.get("adapter"):
         state["adapter"] = str((path.parent / state["adapter"]).resolve())
         if not Path(state["adapter"]).is_dir():
-            raise FileNotFoundError(f"{path} points at adapter folder {state['adapter']}, which does not exist")
+            raise UsageError(f"{path} points at adapter folder {state['adapter']}, which does not exist")
     return state
 
 

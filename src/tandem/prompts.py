@@ -18,8 +18,31 @@ from .signatures import Field, Signature
 Message = dict[str, str]
 
 
-class ParseError(ValueError):
-    """The reply did not contain the fields the signature asks for."""
+class ModelOutputError(ValueError):
+    """What the model wrote cannot be used. The only failure that fails one example softly:
+    the evaluator counts it by `kind` and goes on; every other error stops the evaluation."""
+
+    kind = "model output"
+
+
+class ParseError(ModelOutputError):
+    """The reply did not contain the fields the signature asks for; `missing` names them."""
+
+    kind = "unparsed"
+
+    def __init__(self, message: str, missing: Sequence[str] = ()):
+        super().__init__(message)
+        self.missing = tuple(missing)
+
+
+class Truncated(ParseError):
+    """The reply hit its token limit before writing a field; `kind` says which and at what limit."""
+
+    def __init__(self, limit: int, field: str, reply: str):
+        super().__init__(f"reply truncated at {limit} tokens before its {field} field: {reply[-120:]!r}", (field,))
+        self.limit = limit
+        self.field = field
+        self.kind = f"truncated at {limit} tokens before {field}"
 
 
 def _format_value(value: object) -> str:
@@ -103,10 +126,10 @@ def parse_reply(signature: Signature, reply: str, optional: Sequence[str] = ("re
         values[name] = reply[m.end() : end].strip()
     missing = [n for n in signature.output_names if n not in values and n not in optional]
     if missing:
-        raise ParseError(f"reply has no {', '.join(missing)} field: {reply[:200]!r}")
+        raise ParseError(f"reply has no {', '.join(missing)} field: {reply[:200]!r}", missing)
     empty = [n for n in signature.output_names if n in values and not values[n] and n not in optional]
     if empty:
-        raise ParseError(f"reply has an empty {', '.join(empty)} field: {reply[:200]!r}")
+        raise ParseError(f"reply has an empty {', '.join(empty)} field: {reply[:200]!r}", empty)
     return {n: values.get(n, "") for n in signature.output_names}
 
 

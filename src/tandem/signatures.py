@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from .errors import UsageError
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -28,18 +30,18 @@ class Signature:
     def __post_init__(self) -> None:
         names = [f.name for f in self.inputs + self.outputs]
         if not self.inputs or not self.outputs:
-            raise ValueError("a signature needs at least one input and one output field")
+            raise UsageError("a signature needs at least one input and one output field")
         for name in names:
             if not _NAME.match(name):
-                raise ValueError(f"field name {name!r} is not an identifier")
+                raise UsageError(f"field name {name!r} is not an identifier")
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate field names in {names}")
+            raise UsageError(f"duplicate field names in {names}")
 
     @classmethod
     def parse(cls, text: str, instructions: str = "", descriptions: dict[str, str] | None = None) -> "Signature":
         """`"context, question -> answer"` with optional per-field descriptions."""
         if text.count("->") != 1:
-            raise ValueError(f"signature {text!r} must look like 'in1, in2 -> out1'")
+            raise UsageError(f"signature {text!r} must look like 'in1, in2 -> out1'")
         descriptions = descriptions or {}
         left, right = (side.split(",") for side in text.split("->"))
 
@@ -49,7 +51,7 @@ class Signature:
         sig = cls(fields(left), fields(right), instructions)
         unknown = set(descriptions) - {f.name for f in sig.fields}
         if unknown:
-            raise ValueError(f"descriptions given for unknown fields: {sorted(unknown)}")
+            raise UsageError(f"descriptions given for unknown fields: {sorted(unknown)}")
         return sig
 
     @property

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
+from ..errors import ConfigError, EngineError
+
 Message = dict[str, str]
 
 
@@ -26,9 +28,9 @@ class Request:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
 
     def key(self, model: str, adapter_digest: str | None = None) -> str:
         """Stable cache key: the model, the adapter's content (not its path), messages and sampling."""
@@ -38,12 +40,28 @@ class Request:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+FINISH_REASONS = ("stop", "length")
+
+
 @dataclass
 class Completion:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False
+    finish_reason: str = "stop"  # "length": the reply hit max_new_tokens before it ended by itself
+
+
+def check_results(requests: Sequence[object], results: Sequence[object | None], who: str) -> list:
+    """Results matched to requests by index: one per request, none missing, or a hard error.
+
+    A silently dropped slot would shift every later reply onto the wrong request.
+    """
+    missing = [i for i, r in enumerate(results) if r is None]
+    if len(results) != len(requests) or missing:
+        raise EngineError(f"{who} returned {len(results) - len(missing)} results for {len(requests)} requests "
+                          f"(missing: {missing[:5]})")
+    return list(results)
 
 
 @runtime_checkable

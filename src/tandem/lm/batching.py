@@ -73,6 +73,8 @@ class DynamicBatcher(Generic[In, Out]):
                 return
             try:
                 outs = self.run_batch([item for item, _ in batch])
+                if len(outs) != len(batch):  # zip would leave the unmatched callers waiting forever
+                    raise RuntimeError(f"a batch of {len(batch)} requests returned {len(outs)} results")
                 for (_, fut), out in zip(batch, outs):
                     fut.set_result(out)
             except BaseException as exc:  # the callers, not this thread, decide what an error means

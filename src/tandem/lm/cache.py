@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from .base import LM, Completion, Request, Usage
+from .base import LM, Completion, Request, Usage, check_results
 
 
 def adapter_digest(path: str | None) -> str | None:
@@ -44,8 +44,9 @@ class CachedLM:
         self._digests: dict[tuple[str, float], str | None] = {}
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, text TEXT, prompt_tokens INT, completion_tokens INT)"
+        self._db.execute(  # "completions", not the older "calls" table, which did not keep finish_reason
+            "CREATE TABLE IF NOT EXISTS completions "
+            "(key TEXT PRIMARY KEY, text TEXT, prompt_tokens INT, completion_tokens INT, finish_reason TEXT)"
         )
         self._db.commit()
 
@@ -69,22 +70,22 @@ class CachedLM:
         with self._lock:
             for i, key in enumerate(keys):
                 row = self._db.execute(
-                    "SELECT text, prompt_tokens, completion_tokens FROM calls WHERE key = ?", (key,)
+                    "SELECT text, prompt_tokens, completion_tokens, finish_reason FROM completions WHERE key = ?", (key,)
                 ).fetchone()
                 if row:
-                    results[i] = Completion(row[0], row[1], row[2], cached=True)
+                    results[i] = Completion(row[0], row[1], row[2], cached=True, finish_reason=row[3])
         misses = [i for i, c in enumerate(results) if c is None]
         if misses:
-            fresh = self.lm.generate([requests[i] for i in misses])
+            fresh = check_results(misses, self.lm.generate([requests[i] for i in misses]), self.lm.name)
             with self._lock:
                 for i, c in zip(misses, fresh):
                     results[i] = c
                     self._db.execute(
-                        "INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?)",
-                        (keys[i], c.text, c.prompt_tokens, c.completion_tokens),
+                        "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
+                        (keys[i], c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason),
                     )
                 self._db.commit()
-        done = [c for c in results if c is not None]
+        done = check_results(requests, results, "cache")
         with self._lock:
             self.usage.add(done)
         return done

@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .base import Completion, Message, Request, Usage
+from ..errors import ConfigError
+from .base import Completion, Message, Request, Usage, check_results
 from .batching import Cancelled, DynamicBatcher
 from .models import ModelNotFoundError, resolve_model
 
@@ -46,7 +47,7 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     """
     if requested != "auto":
         if requested not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {requested!r}")
+            raise ConfigError("dtype", f"must be 'auto' or one of {sorted(DTYPES)}, got {requested!r}")
         return DTYPES[requested]
     if device != "cpu":
         return torch.bfloat16
@@ -107,6 +108,12 @@ def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def _generator(request: Request, device: str) -> torch.Generator:
+    """A random stream for one request, from its seed and content (not from its batch-mates)."""
+    digest = hashlib.sha256(repr((request.seed, request.messages)).encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 def _plain_template(messages: Sequence[Message]) -> str:
     """For models without a chat template (base models): a readable transcript."""
     body = "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in messages)
@@ -164,6 +171,11 @@ class LocalLM:
     def cancel(self) -> None:
         """Stop the running batch within one decode step and fail the waiting calls (Ctrl-C)."""
         self._batcher.cancel()
+
+    def describe(self) -> dict[str, str]:
+        """What a run folder records about the engine: the dtype actually chosen, not 'auto'."""
+        return {"engine": "transformers", "model": self.name, "dtype": str(self.dtype).removeprefix("torch."),
+                "device": self.device}
 
     def close(self) -> None:
         self._batcher.close()
@@ -262,23 +274,26 @@ class LocalLM:
             group.append(i)
         flush()
         self.usage.batches += 1
-        return [r for r in results if r is not None]
+        return check_results(requests, results, "local engine")
 
     @torch.inference_mode()
     def _generate_group(self, requests: list[Request], encoded: list[list[int]]) -> list[Completion]:
         started = time.perf_counter()
         limits = [r.max_new_tokens for r in requests]
-        if requests[0].temperature > 0:
-            torch.manual_seed(sum(r.seed for r in requests) + len(requests))
+        # Each sampled request draws from its own generator, seeded by the request alone: its reply
+        # does not depend on what shares its batch, as the cache (keyed per request) assumes.
+        generators = [_generator(r, self.device) for r in requests] if requests[0].temperature > 0 else None
         with self.using_adapter(requests[0].adapter) as model:
-            rows = self._decode(model, encoded, limits, [r.stop for r in requests], requests[0].temperature)
+            rows, ended = self._decode(model, encoded, limits, [r.stop for r in requests], requests[0].temperature,
+                                       generators)
         completions = []
-        for row, req, ids in zip(rows, requests, encoded):
+        for row, req, ids, stopped in zip(rows, requests, encoded, ended):
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             for s in req.stop:
                 if s in text:
                     text = text[: text.index(s)]
-            completions.append(Completion(text.strip(), prompt_tokens=len(ids), completion_tokens=len(row)))
+            completions.append(Completion(text.strip(), prompt_tokens=len(ids), completion_tokens=len(row),
+                                          finish_reason="stop" if stopped else "length"))
         self.usage.add(completions)
         self.usage.extra["generate_seconds"] = self.usage.extra.get("generate_seconds", 0.0) + (
             time.perf_counter() - started
@@ -314,36 +329,41 @@ class LocalLM:
         self.usage.extra["shared_prefix_tokens"] = self.usage.extra.get("shared_prefix_tokens", 0) + shared * (len(encoded) - 1)
         return cache, logits, mask, positions[:, -1] + 1
 
-    def _decode(self, model, encoded, limits, stops, temperature) -> list[list[int]]:
+    def _decode(self, model, encoded, limits, stops, temperature, generators=None):
         """Prefill, then decode token by token; a finished row leaves the batch at once.
 
-        A row finishes at an end-of-sequence token, its own token limit, or one of its stop
-        strings. Removing finished rows (and their cache) means a batch costs what its live rows
-        need, not what its longest reply needs.
+        A row finishes at an end-of-sequence token or one of its stop strings (it ended by
+        itself), or at its own token limit (it was cut). Removing finished rows (and their cache)
+        means a batch costs what its live rows need, not what its longest reply needs.
+        Returns the generated ids per row and whether each row ended by itself.
         """
         eos = set(self._eos_ids())
         cache, logits, mask, next_pos = self._prefill(model, encoded, max(limits))
         active = list(range(len(limits)))
         rows: list[list[int]] = [[] for _ in limits]
+        ended = [False] * len(limits)
         while True:
             if self._batcher.cancelling:
                 raise Cancelled(f"generation cancelled after {max(map(len, rows))} tokens")
             if temperature > 0:
-                tokens = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                tokens = torch.cat([torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(active)])
             else:
                 tokens = logits.argmax(dim=-1)
             keep = []
             for j, (i, t) in enumerate(zip(active, tokens.tolist())):
                 if t in eos:
+                    ended[i] = True
                     continue
                 rows[i].append(t)
-                if len(rows[i]) >= limits[i]:
-                    continue
                 if stops[i] and any(s in self.tokenizer.decode(rows[i][-12:]) for s in stops[i]):
+                    ended[i] = True
+                    continue
+                if len(rows[i]) >= limits[i]:
                     continue
                 keep.append(j)
             if not keep:
-                return rows
+                return rows, ended
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)

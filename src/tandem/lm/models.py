@@ -13,11 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
+from ..errors import TandemError
+
 log = logging.getLogger(__name__)
 
 
-class ModelNotFoundError(LookupError):
-    pass
+class ModelNotFoundError(TandemError, LookupError):
+    """The model cannot be found or loaded: one line on the command line, exit code 1."""
 
 
 # alias -> (package that ships the GGUF, file name inside it)

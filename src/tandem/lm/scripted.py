@@ -9,7 +9,7 @@ from .base import Completion, Request, Usage
 
 
 class ScriptedLM:
-    """Answers each request with `respond(request)`; records every request it saw."""
+    """Answers each request with `respond(request)` (text or a Completion); records every request it saw."""
 
     def __init__(self, respond: Callable[[Request], str], name: str = "scripted", trainable: bool = False):
         self.name = name
@@ -21,8 +21,15 @@ class ScriptedLM:
         self.usage = Usage()
         self._lock = threading.Lock()
 
+    def _complete(self, request: Request) -> Completion:
+        reply = self.respond(request)  # a string, or a whole Completion (to script a reply cut at its limit)
+        return reply if isinstance(reply, Completion) else Completion(reply, prompt_tokens=1, completion_tokens=1)
+
+    def describe(self) -> dict[str, str]:
+        return {"engine": "scripted", "model": self.name}
+
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        out = [Completion(self.respond(r), prompt_tokens=1, completion_tokens=1) for r in requests]
+        out = [self._complete(r) for r in requests]
         with self._lock:
             self.requests.extend(requests)
             self.usage.add(out)

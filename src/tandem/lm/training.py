@@ -12,55 +12,32 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
+from ..settings import LoraSettings
 from .base import Message
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyperparameters. The defaults suit ~0.1-1B models with a few hundred examples."""
-
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    learning_rate: float = 3e-4
-    epochs: int = 3
-    batch_size: int = 8  # sequences per optimizer step
-    micro_batch_size: int = 1  # fastest on a CPU (bench/finetune.py): no padding to compute
-    max_length: int = 1024  # longer examples are cut from the left of the prompt
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    target_modules: str | tuple[str, ...] = "all-linear"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("rank", "alpha", "epochs", "batch_size", "micro_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"lora.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.learning_rate < 1:
-            raise ValueError(f"lora.learning_rate must be in (0, 1), got {self.learning_rate}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-
-
 @dataclass
 class TrainReport:
-    examples: int
+    examples: int  # training calls trained on
     tokens: int  # tokens processed over all epochs, padding excluded
     target_tokens: int
-    steps: int
+    steps: int  # optimizer steps taken, counted in the loop
     seconds: float
     first_loss: float
     last_loss: float
     losses: list[float]
+    dropped_too_long: int = 0  # calls left out because they exceed max_length
+    learning_rates: list[float] = field(default_factory=list)  # per optimizer step
 
     @property
     def tokens_per_second(self) -> float:
@@ -68,7 +45,7 @@ class TrainReport:
 
 
 def tokenize_chat(
-    tokenizer, render: Callable[[Sequence[Message]], str], messages: Sequence[Message], max_length: int
+    tokenizer, render: Callable[[Sequence[Message]], str], messages: Sequence[Message]
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation whose last message is the assistant's reply."""
     if not messages or messages[-1]["role"] != "assistant":
@@ -80,11 +57,23 @@ def tokenize_chat(
         full = prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reply_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-    room = max_length - len(reply_ids)
-    if room < 16:
-        reply_ids, room = reply_ids[: max_length - 16], 16
-    prompt_ids = prompt_ids[-room:]
     return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, floor: float) -> float:
+    """Learning-rate multiplier for optimizer step `step` (0-based) of `total`.
+
+    Linear warm-up over the first steps (never starting at the full rate when there is more than
+    one step), then a cosine decay that reaches `floor` exactly at the last step, never 0.
+    """
+    if total <= 1:
+        return 1.0
+    warmup = max(1, round(warmup_ratio * total)) if warmup_ratio > 0 else 0
+    warmup = min(warmup, total - 1)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _micro_batches(rows: list[tuple[list[int], list[int]]], size: int, rng: random.Random) -> list[list[int]]:
@@ -114,7 +103,16 @@ def train_lora(
 
     if not conversations:
         raise ValueError("no training conversations")
-    rows = [tokenize_chat(tokenizer, render, c, settings.max_length) for c in conversations]
+    tokenized = [tokenize_chat(tokenizer, render, c) for c in conversations]
+    # A call longer than max_length is left out, never cut: cutting the prompt's left loses the
+    # system message, cutting the reply teaches an unfinished answer.
+    rows = [row for row in tokenized if len(row[0]) <= settings.max_length]
+    dropped = len(tokenized) - len(rows)
+    if dropped:
+        log.warning("LoRA: %d of %d training calls are longer than max_length=%d tokens and are left out",
+                    dropped, len(tokenized), settings.max_length)
+    if not rows:
+        raise ConfigError("max_length", f"is {settings.max_length} tokens: every training call is longer; raise it")
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -122,16 +120,19 @@ def train_lora(
         target_modules=list(settings.target_modules) if isinstance(settings.target_modules, tuple) else settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     wrapped = not isinstance(model, PeftModel)
-    if wrapped:
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    else:
-        peft_model = model
-        previous = peft_model.active_adapter
-        peft_model.add_adapter(adapter_name, config)
-        peft_model.set_adapter(adapter_name)
+    previous = None if wrapped else model.active_adapter
+    # LoRA's random init draws from torch's global generator: seed it inside a fork, so this
+    # training is reproducible and leaves no seed behind for anything else.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        if wrapped:
+            peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        else:
+            peft_model = model
+            peft_model.add_adapter(adapter_name, config)
+            peft_model.set_adapter(adapter_name)
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
     for p in peft_model.parameters():
         p.requires_grad_(False)
@@ -145,19 +146,20 @@ def train_lora(
     accumulate = max(1, batch // settings.micro_batch_size)
     per_epoch = math.ceil(len(rows) / settings.micro_batch_size)
     total_micro = per_epoch * settings.epochs
-    total_steps = math.ceil(total_micro / accumulate)
+    planned = math.ceil(total_micro / accumulate)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    warmup = max(1, int(settings.warmup_ratio * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (step + 1 - warmup) / max(1, total_steps - warmup))))),
+        optimizer, lambda step: lr_factor(step, planned, settings.warmup_ratio, settings.min_lr_ratio)
     )
+    device = next(peft_model.parameters()).device
     base_dtype = next(p for p in peft_model.parameters() if not p.requires_grad).dtype
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if base_dtype == torch.bfloat16 else torch.autocast("cpu", enabled=False)
+    half = base_dtype in (torch.bfloat16, torch.float16)
+    autocast = torch.autocast(device.type, dtype=base_dtype, enabled=half)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     losses: list[float] = []
-    tokens = target_tokens = 0
+    rates: list[float] = []
+    tokens = target_tokens = steps = 0
     started = time.perf_counter()
     peft_model.train()
     bar = tqdm(total=total_micro, desc="lora", unit="batch", disable=not progress, dynamic_ncols=True)
@@ -166,9 +168,10 @@ def train_lora(
         for _ in range(settings.epochs):
             for group in _micro_batches(rows, settings.micro_batch_size, rng):
                 width = max(len(rows[i][0]) for i in group)
-                ids = torch.tensor([rows[i][0] + [pad] * (width - len(rows[i][0])) for i in group])
-                labels = torch.tensor([rows[i][1] + [-100] * (width - len(rows[i][1])) for i in group])
-                mask = torch.tensor([[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in group])
+                ids = torch.tensor([rows[i][0] + [pad] * (width - len(rows[i][0])) for i in group], device=device)
+                labels = torch.tensor([rows[i][1] + [-100] * (width - len(rows[i][1])) for i in group], device=device)
+                mask = torch.tensor([[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in group],
+                                    device=device)
                 with autocast:
                     loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 (loss / accumulate).backward()
@@ -178,9 +181,11 @@ def train_lora(
                 losses.append(loss.item())
                 if micro % accumulate == 0 or micro == total_micro:
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    rates.append(optimizer.param_groups[0]["lr"])
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
+                    steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
     finally:
@@ -198,14 +203,14 @@ def train_lora(
     shutil.rmtree(tmp, ignore_errors=True)
     window = max(1, len(rows) // settings.micro_batch_size)
     report = TrainReport(
-        examples=len(rows), tokens=tokens, target_tokens=target_tokens, steps=total_steps, seconds=seconds,
+        examples=len(rows), tokens=tokens, target_tokens=target_tokens, steps=steps, seconds=seconds,
         first_loss=sum(losses[:window]) / len(losses[:window]), last_loss=sum(losses[-window:]) / len(losses[-window:]),
-        losses=losses,
+        losses=losses, dropped_too_long=dropped, learning_rates=rates,
     )
     (out_dir / "training.json").write_text(json.dumps({"settings": asdict(settings), **asdict(report)}, indent=1))
 
     # The adapter lives on disk now and is loaded by path when a program uses it.
     peft_model.delete_adapter(adapter_name)
-    if not wrapped and previous and previous != adapter_name and previous in peft_model.peft_config:
+    if previous and previous != adapter_name and previous in peft_model.peft_config:
         peft_model.set_adapter(previous)
     return report, peft_model

@@ -17,12 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..evaluate import Metric, evaluate
+from ..errors import UsageError
+from ..evaluate import Metric, describe_failures, evaluate
 from ..lm.base import LM
-from ..lm.training import LoraSettings
 from ..program import Example, Program, load_state
-from .prompts import PromptSettings, bootstrap_fewshot_rs
-from .weights import WeightSettings, bootstrap_finetune
+from ..rundir import claim, data_digest, describe_lm, write_json
+from ..settings import OptimizeSettings, to_dict
+from .fewshot import bootstrap_fewshot_rs
+from .weights import bootstrap_finetune
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def parse_strategy(text: str) -> tuple[str, ...]:
     """`"p -> w -> p"` -> ("p", "w", "p"); anything else is refused with the valid form."""
     steps = tuple(part.strip().lower() for part in str(text).split("->"))
     if not steps or any(s not in STEP_NAMES for s in steps):
-        raise ValueError(
+        raise UsageError(
             f"invalid strategy {text!r}: write steps 'p' (prompts) and 'w' (weights) joined by '->', "
             "e.g. 'p', 'w', 'p -> w', 'p -> w -> p'"
         )
@@ -49,29 +51,6 @@ def pretty(steps: Sequence[str]) -> str:
     return " -> ".join(steps) if steps else ZERO_SHOT
 
 
-@dataclass(frozen=True)
-class OptimizeSettings:
-    prompts: PromptSettings = PromptSettings()
-    weights: WeightSettings = WeightSettings()
-    seed: int = 0
-    temperature: float = 0.0
-    max_new_tokens: int = 384
-    threads: int = 32
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "OptimizeSettings":
-        weights = dict(data.get("weights", {}))
-        weights["lora"] = LoraSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in weights.get("lora", {}).items()})
-        return cls(
-            prompts=PromptSettings(**data.get("prompts", {})),
-            weights=WeightSettings(**weights),
-            **{k: v for k, v in data.items() if k not in ("prompts", "weights")},
-        )
-
-
 @dataclass
 class StepRecord:
     prefix: str  # e.g. "p-w"
@@ -83,6 +62,8 @@ class StepRecord:
     test_errors: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     test_metrics: dict[str, float | None] = field(default_factory=dict)  # reported beside `test`, never optimized
+    val_failures: dict[str, int] = field(default_factory=dict)  # failed runs by kind
+    test_failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -100,20 +81,28 @@ class BetterTogetherResult:
         for s in self.steps:
             test = f"{s.test:8.1f}" if s.test is not None else f"{'-':>8}"
             mark = "  <- best (val)" if s.prefix == self.best else ""
-            notes = "; ".join(s.details.get("notes", []))
-            rows.append(f"{s.label:<16}{s.val:8.1f}{test}{s.val_errors:>8}{s.seconds:9.0f}  {notes}{mark}")
+            notes = s.details.get("notes", []) + ([f"val failed: {describe_failures(s.val_failures)}"]
+                                                  if s.val_failures else [])
+            rows.append(f"{s.label:<16}{s.val:8.1f}{test}{s.val_errors:>8}{s.seconds:9.0f}  {'; '.join(notes)}{mark}")
         return "\n".join(rows)
 
 
-def _score(program, lm, examples, metric, settings, desc, progress, also=None):
+@dataclass
+class _Score:
+    score: float | None = None
+    errors: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
+
+
+def _score(program, lm, examples, metric, settings: OptimizeSettings, desc, progress, also=None) -> _Score:
     if not examples:
-        return None, 0, {}
-    r = evaluate(program, lm, examples, metric, threads=settings.threads, progress=progress, desc=desc,
-                 temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
-    return r.score, r.n_errors, {name: r.mean(m) for name, m in (also or {}).items()}
+        return _Score()
+    r = evaluate(program, lm, examples, metric, settings.generation, progress=progress, desc=desc)
+    return _Score(r.score, r.n_errors, r.failures(), {name: r.mean(m) for name, m in (also or {}).items()})
 
 
-def run_step(
+def take_step(
     kind: str,
     program: Program,
     lm: LM,
@@ -126,14 +115,13 @@ def run_step(
     progress: bool = True,
 ) -> tuple[Program, dict[str, Any]]:
     """One optimizer step; every optimizer has the same call shape."""
-    run = dict(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
     if kind == "p":
         result = bootstrap_fewshot_rs(program, lm, train, val, metric, settings.prompts, seed=seed,
-                                      threads=settings.threads, progress=progress, **run)
+                                      generation=settings.generation, progress=progress)
         return result.program, result.summary()
     if kind == "w":
         result = bootstrap_finetune(program, lm, train, val, metric, settings.weights, out_dir=folder, seed=seed,
-                                    threads=settings.threads, progress=progress, **run)
+                                    generation=settings.generation, progress=progress)
         return result.program, result.summary()
     raise ValueError(f"unknown step kind {kind!r}")
 
@@ -160,14 +148,25 @@ def better_together(
     run_dir: str | Path,
     progress: bool = True,
     report_metrics: Mapping[str, Metric] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> BetterTogetherResult:
     """Run the strategy from `program`, resuming finished steps found in `run_dir`.
 
+    `run_dir` holds one configuration (the LM, the data, `settings`, and whatever `config` adds,
+    such as the task's name): a folder made with another one is refused, naming the field.
     `report_metrics` (name -> metric) are computed on test beside `metric` and never steer anything.
     """
     steps = parse_strategy(strategy) if isinstance(strategy, str) else tuple(strategy)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim(run_dir, {
+        **(config or {}),
+        "lm": describe_lm(lm),
+        "data": {name: {"size": len(split), "digest": data_digest(split)}
+                 for name, split in (("train", train), ("val", val), ("test", test))},
+        "program": program.get_state(),
+        "settings": to_dict(settings),
+        "strategy": pretty(steps),
+    })
     records: list[StepRecord] = []
     current = program
     finished = 0  # the leading steps already done in run_dir
@@ -186,17 +185,15 @@ def better_together(
         details: dict[str, Any] = {}
         if depth > 0:
             # Each depth gets its own seed so that "p -> p" does not redraw the same candidates.
-            current, details = run_step(steps[depth - 1], current, lm, train, val, metric, settings, folder,
-                                        seed=settings.seed * 100 + depth, progress=progress)
-        val_score, val_errors, _ = _score(current, lm, val, metric, settings, f"{prefix_name(prefix)} val", progress)
-        test_score, test_errors, also = _score(current, lm, test, metric, settings, f"{prefix_name(prefix)} test",
-                                               progress, report_metrics)
-        record = StepRecord(prefix_name(prefix), steps[depth - 1] if depth else "", val_score, test_score,
-                            time.perf_counter() - started, val_errors, test_errors, details, also)
+            current, details = take_step(steps[depth - 1], current, lm, train, val, metric, settings, folder,
+                                         seed=settings.seed * 100 + depth, progress=progress)
+        val_ = _score(current, lm, val, metric, settings, f"{prefix_name(prefix)} val", progress)
+        test_ = _score(current, lm, test, metric, settings, f"{prefix_name(prefix)} test", progress, report_metrics)
+        record = StepRecord(prefix_name(prefix), steps[depth - 1] if depth else "", val_.score, test_.score,
+                            time.perf_counter() - started, val_.errors, test_.errors, details, test_.metrics,
+                            val_.failures, test_.failures)
         current.save(folder / "program.json")
-        tmp = folder / "step.json.tmp"
-        tmp.write_text(json.dumps(asdict(record), indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(folder / "step.json")  # written last: its presence means the step is finished
+        write_json(folder / "step.json", asdict(record))  # written last: its presence means the step is finished
         records.append(record)
         log.info("step %s finished: val %.1f%%, test %s", record.label, record.val,
                  "-" if record.test is None else f"{record.test:.1f}%")
@@ -206,5 +203,9 @@ def better_together(
     best_program = load_step(program, run_dir / best.prefix)[0]
     result = BetterTogetherResult(best_program, best.prefix, records)
     summary = {"strategy": pretty(steps), "best": best.prefix, "steps": [asdict(r) for r in records]}
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_json(results_path(run_dir, steps), summary)  # one file per strategy: strategies share the folder
     return result
+
+
+def results_path(run_dir: str | Path, steps: Sequence[str]) -> Path:
+    return Path(run_dir) / f"results-{prefix_name(steps)}.json"

@@ -14,26 +14,20 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..evaluate import Metric, evaluate
 from ..lm.base import LM
-from ..lm.training import LoraSettings, TrainReport
+from ..lm.training import TrainReport
 from ..program import Example, Program
 from ..prompts import render_messages, render_reply
+from ..settings import GenerationSettings, WeightSettings
 
 log = logging.getLogger(__name__)
 
 NO_TRACES = "no successful traces, weights unchanged"
-
-
-@dataclass(frozen=True)
-class WeightSettings:
-    lora: LoraSettings = LoraSettings()
-    with_demos: bool = False
-    metric_threshold: float = 1.0
 
 
 @dataclass
@@ -45,16 +39,18 @@ class WeightResult:
     report: TrainReport | None = None
     notes: list[str] = field(default_factory=list)
     with_demos: bool = False
+    trace_failures: dict[str, int] = field(default_factory=dict)  # failed training runs by kind
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"trained": self.trained, "successful_runs": self.successful_runs,
                                "conversations": self.conversations, "adapter": self.program.adapter,
-                               "with_demos": self.with_demos, "notes": self.notes}
+                               "with_demos": self.with_demos, "notes": self.notes,
+                               "trace_failures": self.trace_failures}
         if self.report:
             r = self.report
             out["training"] = {"examples": r.examples, "tokens": r.tokens, "steps": r.steps, "seconds": round(r.seconds, 1),
                                "tokens_per_second": round(r.tokens_per_second, 1), "first_loss": round(r.first_loss, 4),
-                               "last_loss": round(r.last_loss, 4)}
+                               "last_loss": round(r.last_loss, 4), "dropped_too_long": r.dropped_too_long}
         return out
 
 
@@ -83,18 +79,18 @@ def bootstrap_finetune(
     *,
     out_dir: str | Path,
     seed: int = 0,
-    threads: int = 32,
+    generation: GenerationSettings = GenerationSettings(),
     progress: bool = True,
-    **run_settings: Any,
 ) -> WeightResult:
     """Return a new program that points at a freshly trained adapter in `out_dir/adapter`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = evaluate(program, lm, train, metric, threads=threads, progress=progress, desc="traces", **run_settings)
+    runs = evaluate(program, lm, train, metric, generation, progress=progress, desc="traces")
     passing = [r.trace for r in runs.results if r.error is None and r.score >= settings.metric_threshold]
     if not passing:
         log.warning("weight step: %s", NO_TRACES)
-        return WeightResult(program.clone(), False, 0, 0, notes=[NO_TRACES], with_demos=settings.with_demos)
+        return WeightResult(program.clone(), False, 0, 0, notes=[NO_TRACES], with_demos=settings.with_demos,
+                            trace_failures=runs.failures())
 
     rows = training_conversations(program, passing, settings.with_demos)
     with open(out_dir / "train.jsonl", "w") as f:
@@ -103,7 +99,7 @@ def bootstrap_finetune(
     finetune = getattr(lm, "finetune", None)
     if finetune is None:
         raise TypeError(f"LM '{lm.name}' cannot fine-tune: weight steps need the local engine")
-    lora = LoraSettings(**{**settings.lora.__dict__, "seed": seed})
+    lora = replace(settings.lora, seed=seed)
     report = finetune([row["messages"] for row in rows], out_dir / "adapter", lora, progress=progress)
 
     new = program.clone()
@@ -113,4 +109,6 @@ def bootstrap_finetune(
             predictor.demos = []
     demos = "with" if settings.with_demos else "without"
     notes = [f"trained on {len(rows)} module calls from {len(passing)} passing runs, prompts {demos} demos"]
-    return WeightResult(new, True, len(passing), len(rows), report, notes, settings.with_demos)
+    if report.dropped_too_long:
+        notes.append(f"{report.dropped_too_long} calls longer than max_length={lora.max_length} left out")
+    return WeightResult(new, True, len(passing), len(rows), report, notes, settings.with_demos, runs.failures())

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..errors import UsageError
 from ..evaluate import Metric
 from ..program import Example, Program
 
@@ -15,8 +16,8 @@ SPLIT_SEED = 0  # splits are fixed across experiments; seeds vary the optimizers
 DATA_ENV = "TANDEM_DATA_DIR"
 
 
-class DataNotFoundError(FileNotFoundError):
-    pass
+class DataNotFoundError(UsageError, FileNotFoundError):
+    """A data file is missing: the message says where tandem looked and how to point it elsewhere."""
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Task:
 
     def split(self, name: str) -> list[Example]:
         if name not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {name!r}")
+            raise UsageError(f"split must be train, val or test, got {name!r}")
         return getattr(self, name)
 
 
@@ -60,4 +61,4 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                    raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg})") from None

@@ -27,22 +27,10 @@ from typing import Any, Sequence
 from ..evaluate import Metric, evaluate
 from ..lm.base import LM
 from ..program import MODULE_LABELS, Example, Program
+from ..settings import GenerationSettings, PromptSettings
 from ..signatures import REASONING
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PromptSettings:
-    max_bootstrapped_demos: int = 3
-    max_labeled_demos: int = 3
-    num_candidates: int = 6  # shuffled bootstrap candidates, besides the three named ones
-    metric_threshold: float = 1.0  # a run "passes" when its metric is at least this
-
-    def __post_init__(self) -> None:
-        for name in ("max_bootstrapped_demos", "max_labeled_demos", "num_candidates"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"prompts.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -51,6 +39,7 @@ class Candidate:
     state: dict[str, Any]
     val_score: float | None = None
     val_errors: int = 0
+    val_failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def demos(self) -> dict[str, int]:
@@ -65,15 +54,19 @@ class PromptResult:
     teacher_runs: int
     successful_runs: int
     notes: list[str] = field(default_factory=list)
+    teacher_failures: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
             "best": self.best,
             "teacher_runs": self.teacher_runs,
             "successful_runs": self.successful_runs,
+            "teacher_failures": self.teacher_failures,
             "notes": self.notes,
             "candidates": [
-                {"name": c.name, "val_score": c.val_score, "val_errors": c.val_errors, "demos": c.demos} for c in self.candidates
+                {"name": c.name, "val_score": c.val_score, "val_errors": c.val_errors, "val_failures": c.val_failures,
+                 "demos": c.demos}
+                for c in self.candidates
             ],
         }
 
@@ -113,9 +106,8 @@ def bootstrap_fewshot_rs(
     settings: PromptSettings = PromptSettings(),
     *,
     seed: int = 0,
-    threads: int = 32,
+    generation: GenerationSettings = GenerationSettings(),
     progress: bool = True,
-    **run_settings: Any,
 ) -> PromptResult:
     """Return a new program with the best demo set found; `program` is not changed."""
     if not train or not val:
@@ -127,7 +119,7 @@ def bootstrap_fewshot_rs(
 
     # The teacher: the incoming program if it already has demos, else the student with labeled demos.
     teacher = program if any(p.demos for p in program.predictors()) else _with_demos(program, labeled)
-    runs = evaluate(teacher, lm, train, metric, threads=threads, progress=progress, desc="bootstrap", **run_settings)
+    runs = evaluate(teacher, lm, train, metric, generation, progress=progress, desc="bootstrap")
     passing = [i for i, r in enumerate(runs.results) if r.error is None and r.score >= settings.metric_threshold]
     traces = {i: runs.results[i].trace for i in passing}
     notes = []
@@ -166,14 +158,15 @@ def bootstrap_fewshot_rs(
             k = rng.randint(1, settings.max_bootstrapped_demos)
             candidates.append(Candidate(f"bootstrap-seed-{n}", _with_demos(student, bootstrapped(shuffled, k)).get_state()))
 
-    scored: dict[str, tuple[float, int]] = {}
+    scored: dict[str, tuple[float, int, dict[str, int]]] = {}
     for c in candidates:
         key = json.dumps(c.state, sort_keys=True)
         if key not in scored:  # identical demo sets are scored once
-            result = evaluate(student.with_state(c.state), lm, val, metric, threads=threads, progress=progress,
-                              desc=f"val {c.name}", **run_settings)
-            scored[key] = (result.score, result.n_errors)
-        c.val_score, c.val_errors = scored[key]
+            result = evaluate(student.with_state(c.state), lm, val, metric, generation, progress=progress,
+                              desc=f"val {c.name}")
+            scored[key] = (result.score, result.n_errors, result.failures())
+        c.val_score, c.val_errors, c.val_failures = scored[key]
         log.info("candidate %s: val %.1f%% (%d failed)", c.name, c.val_score, c.val_errors)
     best = max(candidates, key=lambda c: (c.val_score, -c.val_errors))  # max keeps the first of equals
-    return PromptResult(student.with_state(best.state), best.name, candidates, len(train), len(passing), notes)
+    return PromptResult(student.with_state(best.state), best.name, candidates, len(train), len(passing), notes,
+                        runs.failures())

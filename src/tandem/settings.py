@@ -1,0 +1,291 @@
+"""Every setting tandem has, as typed dataclasses: the one place where defaults live.
+
+Each field carries a one-line help text and its bounds. The command line is derived from these
+classes (`add_arguments`), budgets are named overrides of the same fields, and a run folder's
+config.json stores `to_dict(settings)`, read back through `from_dict`. A bad value is refused up
+front with the field's name (`ConfigError`).
+
+Flag names are the field names (`learning_rate` -> `--learning-rate`); where two nested classes
+share a field name, the flag carries its parent's name (`--prompts-metric-threshold`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from .errors import ConfigError, UsageError
+
+
+def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, lt: float | None = None,
+            choices: tuple | None = None, cli: bool = True) -> Any:
+    """A dataclass field with its help text and bounds (checked by `validate`)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "lt": lt, "choices": choices, "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not settings")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def validate(obj: Any) -> None:
+    """Check every field against its bounds; raise ConfigError naming the first bad one."""
+    for f in dataclasses.fields(obj):
+        value, m = getattr(obj, f.name), f.metadata
+        if value is None or dataclasses.is_dataclass(value) or isinstance(value, bool):
+            continue
+        if m.get("choices") is not None and value not in m["choices"]:
+            raise ConfigError(f.name, f"must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+        if m.get("ge") is not None and value < m["ge"]:
+            raise ConfigError(f.name, f"must be >= {m['ge']}, got {value}")
+        if m.get("gt") is not None and value <= m["gt"]:
+            raise ConfigError(f.name, f"must be > {m['gt']}, got {value}")
+        if m.get("lt") is not None and value >= m["lt"]:
+            raise ConfigError(f.name, f"must be < {m['lt']}, got {value}")
+
+
+class Settings:
+    """Mixin: validation on construction."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# -- the settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationSettings(Settings):
+    """How every module call is sampled, and how many program executions run at once."""
+
+    temperature: float = setting(0.0, "sampling temperature (0 = greedy)", ge=0)
+    max_new_tokens: int = setting(384, "cap on tokens generated per module call", ge=1)
+    threads: int = setting(32, "program executions run concurrently (their calls meet in the engine's batches)", ge=1)
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """What `Program.execute` takes."""
+        return {"temperature": self.temperature, "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass(frozen=True)
+class EngineSettings(Settings):
+    """The local transformers engine."""
+
+    dtype: str = setting("auto", "weights dtype; auto times bf16 against fp32 on this machine and takes the faster",
+                         choices=("auto", "bfloat16", "float32", "float16"))
+    device: str = setting("cpu", "torch device for inference and training: cpu, cuda, cuda:1, ...")
+    max_batch: int = setting(32, "most requests in one batched generation", ge=1)
+    cache: bool = setting(True, "read and write the on-disk LM call cache")
+
+
+@dataclass(frozen=True)
+class LoraSettings(Settings):
+    """LoRA hyperparameters. The defaults suit ~0.1-1B models with a few hundred examples."""
+
+    rank: int = setting(16, "LoRA rank", ge=1)
+    alpha: int = setting(32, "LoRA alpha (scale = alpha / rank)", ge=1)
+    dropout: float = setting(0.0, "LoRA dropout", ge=0, lt=1)
+    learning_rate: float = setting(3e-4, "peak learning rate", gt=0, lt=1)
+    epochs: int = setting(3, "passes over the training calls", ge=1)
+    batch_size: int = setting(8, "sequences per optimizer step (fewer when the data is smaller than two batches)", ge=1)
+    micro_batch_size: int = setting(1, "sequences per forward pass; 1 is fastest on a CPU (no padding)", ge=1)
+    max_length: int = setting(2048, "longest training sequence in tokens; longer calls are dropped and counted", ge=32)
+    warmup_ratio: float = setting(0.1, "share of optimizer steps spent warming the learning rate up", ge=0, lt=1)
+    min_lr_ratio: float = setting(0.1, "the learning rate decays to this share of its peak at the last step", gt=0, lt=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    target_modules: str | tuple[str, ...] = setting("all-linear", "modules that get LoRA weights", cli=False)
+    seed: int = setting(0, "initialisation and shuffling seed (set per step by the optimizer)", cli=False)
+
+
+@dataclass(frozen=True)
+class PromptSettings(Settings):
+    """Π: BootstrapFewShot with random search."""
+
+    max_bootstrapped_demos: int = setting(3, "most bootstrapped demos per module", ge=0)
+    max_labeled_demos: int = setting(3, "most labeled demos per module", ge=0)
+    num_candidates: int = setting(6, "shuffled bootstrap candidates, besides zero-shot, labeled-only and unshuffled", ge=0)
+    metric_threshold: float = setting(1.0, "a teacher run gives demos when its metric is at least this")
+
+
+@dataclass(frozen=True)
+class WeightSettings(Settings):
+    """Θ: BootstrapFinetune."""
+
+    lora: LoraSettings = setting(LoraSettings(), "LoRA hyperparameters")
+    with_demos: bool = setting(False, "train and run with the program's demos (the paper: without)")
+    metric_threshold: float = setting(1.0, "a run gives training calls when its metric is at least this")
+
+
+@dataclass(frozen=True)
+class OptimizeSettings(Settings):
+    """A BetterTogether run: the optimizers' settings, how calls are sampled, and the seed."""
+
+    seed: int = setting(0, "seeds candidate shuffles and LoRA initialisation", ge=0)
+    generation: GenerationSettings = setting(GenerationSettings(), "sampling")
+    prompts: PromptSettings = setting(PromptSettings(), "prompt steps")
+    weights: WeightSettings = setting(WeightSettings(), "weight steps")
+
+
+@dataclass(frozen=True)
+class DataSettings(Settings):
+    """How many examples of each split the optimizers see."""
+
+    train_size: int = setting(100, "training examples the optimizers learn from", ge=1)
+    val_size: int = setting(100, "validation examples: they pick candidates and the best step", ge=1)
+    test_size: int = setting(200, "test examples: reported, never used to choose", ge=1)
+
+
+@dataclass(frozen=True)
+class JobSettings(Settings):
+    """Everything `tandem optimize` and `tandem experiment` resolve: data sizes and optimizer settings."""
+
+    data: DataSettings = setting(DataSettings(), "data sizes")
+    optimize: OptimizeSettings = setting(OptimizeSettings(), "optimizers")
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+# Named presets of the same settings the command line sets (by flag name); any flag still wins.
+# tiny: minutes on a 2-core CPU with a 135M model; small: an hour or so; paper: the paper's settings
+# (prompt optimization on 100 train / 250 val, Iris 15 / 35; LoRA rank 32, alpha 64, 5 epochs).
+BUDGETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(train_size=15, val_size=20, test_size=50, num_candidates=2, max_bootstrapped_demos=3,
+                 max_labeled_demos=3, epochs=2, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=96),
+    "small": dict(train_size=50, val_size=50, test_size=100, num_candidates=4, max_bootstrapped_demos=3,
+                  max_labeled_demos=3, epochs=3, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=256),
+    "paper": dict(train_size=100, val_size=250, test_size=1500, num_candidates=6, max_bootstrapped_demos=3,
+                  max_labeled_demos=3, epochs=5, learning_rate=1e-4, rank=32, alpha=64, max_new_tokens=1024),
+}
+PAPER_IRIS = {"train_size": 15, "val_size": 35}
+
+
+def resolve_budget(name: str | None, task: str, overrides: Mapping[str, Any] | None = None) -> JobSettings:
+    """The dataclass defaults, then the named budget's values, then `overrides` (flag names)."""
+    if name is not None and name not in BUDGETS:
+        raise UsageError(f"unknown budget '{name}': choose one of {', '.join(BUDGETS)}")
+    preset = dict(BUDGETS[name]) if name else {}
+    if name == "paper" and task == "iris":
+        preset.update(PAPER_IRIS)
+    return with_overrides(JobSettings(), {**preset, **{k: v for k, v in (overrides or {}).items() if v is not None}})
+
+
+# -- plain data in and out ------------------------------------------------------------------------
+
+
+def to_dict(settings: Any) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Rebuild settings from `to_dict` output; an unknown or ill-typed key is a ConfigError naming it."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}", f"is not a setting of {cls.__name__}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}{name}", f"must be a mapping, got {value!r}")
+            value = from_dict(kind, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def leaves(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """(path, field, type) of every non-dataclass field, depth first."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from leaves(hints[f.name], prefix + (f.name,))
+        else:
+            yield prefix + (f.name,), f, hints[f.name]
+
+
+def flag_names(cls: type) -> dict[tuple[str, ...], str]:
+    """Path -> flag name (without dashes): the field name, or parent_name where two leaves share it."""
+    paths = [path for path, f, _ in leaves(cls) if f.metadata.get("cli", True)]
+    counts: dict[str, int] = {}
+    for path in paths:
+        counts[path[-1]] = counts.get(path[-1], 0) + 1
+    names = {path: (path[-1] if counts[path[-1]] == 1 else "_".join(path[-2:])) for path in paths}
+    if len(set(names.values())) != len(names):
+        raise TypeError(f"settings of {cls.__name__} have clashing flag names")
+    return names
+
+
+def replace_path(settings: Any, path: tuple[str, ...], value: Any) -> Any:
+    if len(path) == 1:
+        return dataclasses.replace(settings, **{path[0]: value})
+    inner = getattr(settings, path[0])
+    return dataclasses.replace(settings, **{path[0]: replace_path(inner, path[1:], value)})
+
+
+def with_overrides(settings: Any, overrides: Mapping[str, Any]) -> Any:
+    """A copy with fields replaced by flag name (`learning_rate`) or dotted path (`optimize.seed`)."""
+    names = {name: path for path, name in flag_names(type(settings)).items()}
+    names.update({".".join(path): path for path, _, _ in leaves(type(settings))})
+    for key, value in overrides.items():
+        if key not in names:
+            raise ConfigError(key, f"is not a setting (known: {', '.join(sorted(n for n in names if '.' not in n))})")
+        settings = replace_path(settings, names[key], value)
+    return settings
+
+
+def get_path(settings: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        settings = getattr(settings, name)
+    return settings
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+    """One flag per field of `cls` (nested included), help and default from the field.
+
+    Every flag defaults to None ("not given"), so presets can sit between the dataclass defaults
+    and what the user typed; `overrides_from_args` collects what was typed.
+    """
+    group = parser.add_argument_group(title) if title else parser
+    defaults = cls()
+    for path, f, kind in leaves(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        name = flag_names(cls)[path]
+        default = get_path(defaults, path)
+        text = f"{f.metadata['help']} (default: {default})"
+        if kind is bool:
+            group.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+        else:
+            choices = f.metadata.get("choices")
+            group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, choices=choices,
+                               help=text, metavar=None if choices else {int: "N", float: "X"}.get(kind, "TEXT"))
+
+
+def overrides_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of `cls` that were given on the command line, by flag name."""
+    return {name: getattr(args, name) for name in flag_names(cls).values() if getattr(args, name, None) is not None}
+
+
+def flag_of(cls: type, field_name: str) -> str:
+    """`--flag` for a field name reported by ConfigError, if `cls` has a flag for it."""
+    for path, name in flag_names(cls).items():
+        if path[-1] == field_name or ".".join(path) == field_name:
+            return "--" + name.replace("_", "-")
+    return field_name
+
+
+__all__ = [
+    "setting", "validate", "GenerationSettings", "EngineSettings", "LoraSettings", "PromptSettings", "WeightSettings",
+    "OptimizeSettings", "DataSettings", "JobSettings", "to_dict", "from_dict", "with_overrides", "add_arguments",
+    "overrides_from_args", "flag_names", "BUDGETS", "resolve_budget",
+]
