@@ -16,20 +16,52 @@ from .settings import (
     BUDGETS, DataSettings, EngineSettings, GenerationSettings, JobSettings, OptimizeSettings, add_arguments, flag_of,
     overrides_from_args, resolve_budget, to_dict, with_overrides,
 )
-from .tasks import LOADERS, load_task
+from .tasks import LOADERS, data_task, load_task
+from .tasks.custom import PROGRAMS
+from .tasks.metrics import COMPARISONS
 
 log = logging.getLogger("tandem")
 
 
 def _add_common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    p.add_argument("--task", required=True, help=f"one of: {', '.join(sorted(LOADERS))}")
+    p.add_argument("--task", help=f"a built-in task ({', '.join(sorted(LOADERS))}), or your own: "
+                                  "path/to/file.py:NAME or package.module:NAME (a Task or a function returning one)")
     p.add_argument(
         "--model",
         required=model_required,
         help="alias 'smollm2-135m' (embedded), a local model folder, a .gguf file, or a Hugging Face id",
     )
     p.add_argument("--data-dir", help="folder holding gsm8k/ and hotpotqa/ (default: $TANDEM_DATA_DIR or ../shared/data)")
-    p.add_argument("--program", help="a program state JSON (instructions, demos, adapter) to load")
+    p.add_argument("--state", help="a program state JSON (instructions, demos, adapter) to start from")
+    g = p.add_argument_group("a task from data files (instead of --task)")
+    g.add_argument("--data", metavar="FILE", help="training rows, JSON Lines or CSV; val and test are carved from it "
+                                                 "(a quarter each, fixed seed) unless --val/--test give them")
+    g.add_argument("--val", metavar="FILE", help="validation rows")
+    g.add_argument("--test", metavar="FILE", help="test rows")
+    g.add_argument("--signature", help="the fields, e.g. 'review -> sentiment' or 'question, context -> answer'")
+    g.add_argument("--instructions", default="", help="what the module is asked to do")
+    g.add_argument("--metric", default="exact", choices=sorted(COMPARISONS),
+                   help="how each output field is compared with the row's (normalized exact match, gold contained in "
+                        "the reply, token F1, same number; default: exact)")
+    g.add_argument("--program", default="cot", choices=PROGRAMS,
+                   help="one module: cot (reasoning, then the outputs) or predict (the outputs only; default: cot)")
+
+
+def _task(args: argparse.Namespace):
+    """--task (built-in or your own code) or --data with a signature: one Task either way."""
+    if args.data:
+        if args.task:
+            raise UsageError("give --task or --data, not both")
+        if not args.signature:
+            raise UsageError("--data needs --signature, e.g. --signature 'text -> label'")
+        return data_task(args.data, args.signature, val=args.val, test=args.test, instructions=args.instructions,
+                         metric=args.metric, program=args.program)
+    if not args.task:
+        raise UsageError("name a task: --task iris (or gsm8k, hotpotqa, path/to/file.py:NAME), or --data FILE")
+    for flag in ("val", "test", "signature"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} goes with --data, not --task")
+    return load_task(args.task, args.data_dir)
 
 
 def _add_job(p: argparse.ArgumentParser, budget_default: str | None) -> None:
@@ -79,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job(p, budget_default="tiny")
     p.set_defaults(func=cmd_experiment)
 
+    p = sub.add_parser("export", help="a run's best (or chosen) step as a folder to ship: program, adapter, model card")
+    p.add_argument("run_dir", help="a folder `tandem optimize` wrote")
+    p.add_argument("--step", default="best", help="best (by val) or a step's prefix such as p-w (default: best)")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="answer inputs with an exported program: one JSON object, or JSON Lines on stdin")
+    p.add_argument("folder", help="a folder `tandem export` wrote")
+    p.add_argument("input", nargs="?", help="one input as a JSON object; without it, JSON Lines are read from stdin")
+    p.add_argument("--model", required=True, help="the base model the program was optimized on")
+    p.add_argument("--data-dir", help="data folder, for built-in tasks whose program needs it (HotPotQA's corpus)")
+    add_arguments(p, GenerationSettings, "sampling")
+    add_arguments(p, EngineSettings, "engine")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("report", help="rebuild report.md, CSV/JSON and charts of an experiment folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
@@ -98,7 +145,7 @@ def _settings(cls: type, args: argparse.Namespace):
 
 def _program(task, args):
     program = task.make_program()
-    return program.load(args.program) if args.program else program
+    return program.load(args.state) if args.state else program
 
 
 def _lm(args, engine: EngineSettings):
@@ -113,13 +160,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _check_positive(args, "limit")
     generation, engine = _settings(GenerationSettings, args), _settings(EngineSettings, args)
-    task = load_task(args.task, args.data_dir)
+    task = _task(args)
     program = _program(task, args)
     examples = task.split(args.split)[: args.limit]
     lm = _lm(args, engine)
     result = evaluate(program, lm, examples, task.metric, generation, max_errors=args.max_errors,
-                      desc=f"{args.task}/{args.split}")
-    print(f"{args.task} {args.split}: {result.summary()}")
+                      desc=f"{task.name}/{args.split}")
+    print(f"{task.name} {args.split}: {result.summary()}")
     for name, m in task.report_metrics.items():
         value = result.mean(m)
         print(f"  {name}: {'-' if value is None else f'{value:.1f}%'}")
@@ -145,7 +192,7 @@ def cmd_show_prompt(args: argparse.Namespace) -> int:
     from .program import Run
     from .prompts import placeholder_reply
 
-    task = load_task(args.task, args.data_dir)
+    task = _task(args)
     program = _program(task, args)
     examples = task.split(args.split)
     if not 0 <= args.index < len(examples):
@@ -180,7 +227,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     steps = parse_strategy(args.strategy)
     job, engine = _job(args), _settings(EngineSettings, args)
-    task = load_task(args.task, args.data_dir)
+    task = _task(args)
     sizes = job.data
     train, val, test = task.train[: sizes.train_size], task.val[: sizes.val_size], task.test[: sizes.test_size]
     run_dir = Path(args.run_dir)
@@ -188,8 +235,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     lm = _lm(args, engine)
     result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, job.optimize,
                              run_dir=run_dir, report_metrics=task.report_metrics,
-                             config={"task": args.task, "budget": args.budget})
-    print(f"{args.task} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test)")
+                             config={"task": task.name, "task_source": task.source, "model": args.model,
+                                     "budget": args.budget})
+    print(f"{task.name} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test)")
     print(result.table())
     print(f"best program: {run_dir / result.best / 'program.json'}; all results: {results_path(run_dir, steps)}")
     return 0
@@ -216,18 +264,90 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     _check_positive(args, "seeds")
     strategies = parse_strategies(args.strategies)
     job, engine = _job(args), _settings(EngineSettings, args)
-    task = load_task(args.task, args.data_dir)
+    task = _task(args)
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
     lm = _lm(args, engine)
     seeds = range(job.optimize.seed, job.optimize.seed + args.seeds)
     run_grid(task, _program(task, args), lm, strategies, seeds, job, run_dir,
-             config={"model": args.model, "budget": args.budget, "program": args.program})
+             config={"model": args.model, "budget": args.budget, "state": args.state, "task_source": task.source})
     report = write_report(run_dir)
-    print(f"{args.task} on {args.model}, budget {args.budget}, {args.seeds} seed(s): test accuracy")
+    print(f"{task.name} on {args.model}, budget {args.budget}, {args.seeds} seed(s): test accuracy")
     print(table(run_dir))
-    print(f"report: {report}; chart: {run_dir / (args.task + '.png')}")
+    print(f"report: {report}; chart: {run_dir / (task.name + '.png')}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    out = export(args.run_dir, args.out, args.step)
+    print(f"exported {args.step} of {args.run_dir} to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One JSON object in, one prediction out; or JSON Lines on stdin, one result line each, in order.
+
+    A line that is not a JSON object with the program's inputs, or whose run fails on what the model
+    wrote, gets an error line and the stream goes on; an engine failure stops it (exit 1)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .export import load_program
+
+    generation, engine = _settings(GenerationSettings, args), _settings(EngineSettings, args)
+    program = load_program(args.folder, args.data_dir)
+    needed = _input_names(program)
+
+    def parse(line: str) -> dict:
+        value = json.loads(line)
+        if not isinstance(value, dict):
+            raise ValueError(f"an input must be a JSON object, got {type(value).__name__}")
+        return value
+
+    if args.input is not None:
+        try:
+            lines = [(1, parse(args.input))]
+        except ValueError as exc:
+            raise UsageError(f"input: {exc}") from None
+    else:
+        lines = []
+        for n, line in enumerate(sys.stdin, 1):
+            if line.strip():
+                try:
+                    lines.append((n, parse(line)))
+                except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                    lines.append((n, exc))
+    lm = _lm(args, engine)
+
+    def answer(item) -> dict:
+        n, inputs = item
+        if isinstance(inputs, Exception):
+            return {"line": n, "error": f"not a JSON object: {inputs}"}
+        missing = [k for k in needed if k not in inputs]
+        if missing:
+            return {"line": n, "error": f"missing input {missing[0]!r} (the program reads {', '.join(needed)})"}
+        run = program.execute(lm, inputs, **generation.run_kwargs())
+        if run.failure:
+            return {"line": n, "error": run.error, "failure": run.failure}
+        return {"line": n, "prediction": dict(run.prediction)}
+
+    failed = 0
+    with ThreadPoolExecutor(max_workers=generation.threads) as pool:
+        for result in pool.map(answer, lines):  # in input order, as each finishes
+            failed += "error" in result
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+    return 1 if args.input is not None and failed else 0
+
+
+def _input_names(program) -> list[str]:
+    """What `forward` takes: its named parameters, or (for `**inputs`) its first module's input fields."""
+    import inspect
+
+    params = list(inspect.signature(program.forward).parameters.values())[1:]  # after `run`
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return program.predictors()[0].signature.input_names
+    return [p.name for p in params if p.default is p.empty]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -247,8 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("tandem").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # steps, candidates, resumes
-    if getattr(args, "task", None) is not None and args.task not in LOADERS:
-        parser.error(f"unknown task '{args.task}': choose one of {', '.join(sorted(LOADERS))}")
     try:
         return args.func(args)
     except ConfigError as exc:

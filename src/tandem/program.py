@@ -250,7 +250,10 @@ class Program(Module):
         return path
 
     def load(self, path: str | os.PathLike) -> "Program":
-        """A clone of this program with the state from `path`."""
+        """A clone of this program with the state from `path` (a state file, or a folder holding
+        program.json, as `tandem export` writes)."""
+        if Path(path).is_dir():
+            path = Path(path) / "program.json"
         state = load_state(path)
         return self.with_state(state)
 

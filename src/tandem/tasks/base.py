@@ -29,6 +29,13 @@ class Task:
     make_program: Callable[[], Program]
     metric: Metric  # what optimizers maximize and the table reports
     report_metrics: dict[str, Metric] = field(default_factory=dict)  # shown beside it, never optimized
+    source: dict[str, Any] = field(default_factory=dict)  # where it came from: a run folder records it
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            self.source = {"builtin": self.name}
+        if not callable(self.metric) or not callable(self.make_program):
+            raise UsageError(f"task {self.name!r}: make_program and metric must be callables")
 
     def split(self, name: str) -> list[Example]:
         if name not in ("train", "val", "test"):

@@ -7,10 +7,10 @@ import re
 
 from ..program import ChainOfThought, Example, Prediction, Program, Run
 from .base import SPLIT_SEED, Task, find_data_file, read_jsonl
+from .metrics import parse_number
 
 VAL_SIZE = 500
 INSTRUCTIONS = "Solve the grade-school math word problem. Reason step by step, then give the final answer as a single number."
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 class GSM8KProgram(Program):
@@ -19,12 +19,6 @@ class GSM8KProgram(Program):
 
     def forward(self, run: Run, question: str) -> Prediction:
         return self.solve(run, question=question)
-
-
-def parse_number(text: str) -> float | None:
-    """The last number in the text, ignoring thousands separators and currency signs."""
-    numbers = _NUMBER.findall(str(text).replace(",", "").replace("$", ""))
-    return float(numbers[-1]) if numbers else None
 
 
 def metric(example: Example, prediction: Prediction) -> float:

@@ -7,14 +7,12 @@ The data is a pooled-distractor setting (see ../shared/data/README.md): 741 dev 
 from __future__ import annotations
 
 import random
-import re
-import string
-from collections import Counter
 from typing import Sequence
 
 from ..program import MODULE_LABELS, ChainOfThought, Example, Prediction, Program, Run
 from ..retrieve import BM25Retriever
 from .base import SPLIT_SEED, Task, find_data_file, read_jsonl
+from .metrics import normalize_answer, token_f1
 
 TRAIN_SIZE, VAL_SIZE = 200, 200
 QUERY_INSTRUCTIONS = "Write a short search query that finds the missing information needed to answer the question."
@@ -39,26 +37,13 @@ class MultiHopQA(Program):
         return Prediction(answer, context=context)
 
 
-def normalize_answer(text: str) -> str:
-    """The usual SQuAD/HotPotQA normalization: lower case, no punctuation, articles or extra spaces."""
-    text = str(text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
 def metric(example: Example, prediction: Prediction) -> float:
     return float(normalize_answer(prediction.answer) == normalize_answer(example.answer))
 
 
 def f1(example: Example, prediction: Prediction) -> float:
     """Token F1, reported beside exact match for a finer view of a weak model."""
-    got, gold = normalize_answer(prediction.answer).split(), normalize_answer(example.answer).split()
-    common = sum((Counter(got) & Counter(gold)).values())
-    if not common:
-        return 0.0
-    precision, recall = common / len(got), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
+    return token_f1(prediction.answer, example.answer)
 
 
 def title_of(passage: str) -> str:
