@@ -244,18 +244,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _check_folder(run_dir: Path, args: argparse.Namespace, job: JobSettings) -> None:
-    """Refuse a folder made with other settings before the model is loaded (the library checks again)."""
-    from .rundir import CONFIG, changed_fields
+    """Refuse a folder made with other settings before the model loads (the library checks all of it again)."""
+    from .rundir import check
 
-    path = run_dir / CONFIG
-    if not path.exists():
-        return
-    old = json.loads(path.read_text(encoding="utf-8"))
-    new = {"settings": to_dict(job.optimize)} if args.command == "optimize" else {"settings": to_dict(job)}
-    changed = changed_fields({k: old.get(k) for k in new}, new)
-    if changed:
-        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
-        raise UsageError(f"{run_dir} holds a run with another configuration ({detail}); use another run folder")
+    check(run_dir, {"settings": to_dict(job.optimize if args.command == "optimize" else job)}, only=["settings"])
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:

@@ -62,15 +62,26 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
 
 
+def check(run_dir: str | Path, config: Mapping[str, Any], only: Sequence[str] | None = None) -> None:
+    """Refuse `run_dir` if it holds another configuration (compared on the keys `only` names, or all)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if not path.exists():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if only is not None:
+        old, config = {k: old.get(k) for k in only}, {k: config.get(k) for k in only}
+    changed = changed_fields(old, config)
+    if changed:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+        raise UsageError(f"{run_dir} holds a run with another configuration ({detail}); use another run folder")
+
+
 def claim(run_dir: str | Path, config: Mapping[str, Any]) -> Path:
     """Create `run_dir` or check that it holds this configuration; then record it (versions included)."""
     run_dir = Path(run_dir)
     path = run_dir / CONFIG
-    if path.exists():
-        changed = changed_fields(json.loads(path.read_text(encoding="utf-8")), config)
-        if changed:
-            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
-            raise UsageError(f"{run_dir} holds a run with another configuration ({detail}); use another run folder")
+    check(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {**config, "versions": versions()}
     tmp = path.with_suffix(".json.tmp")
