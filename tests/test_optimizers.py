@@ -298,3 +298,18 @@ def test_the_python_api_refuses_a_changed_configuration_in_a_used_run_folder(tmp
         better_together(Double(), ScriptedLM(smart), (), args[0], data([3, 5]), *args[2:], run_dir=tmp_path,
                         progress=False)
     assert not list(tmp_path.glob("results-*.json"))[1:]  # only the first call wrote results
+
+
+def test_settings_are_read_back_typed_and_a_bad_hand_edit_names_its_field(tmp_path):
+    from tandem.errors import ConfigError
+    from tandem.rundir import read_settings
+
+    settings = OptimizeSettings(seed=3, prompts=PromptSettings(1, 0, 1))
+    better_together(Double(), ScriptedLM(smart), (), data([1]), data([3]), data([4]), metric, settings,
+                    run_dir=tmp_path, progress=False)
+    assert read_settings(tmp_path, OptimizeSettings) == settings and read_settings(tmp_path / "new", OptimizeSettings) is None
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["settings"]["generation"]["temperature"] = -1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="temperature must be >= 0"):
+        read_settings(tmp_path, OptimizeSettings)

@@ -245,9 +245,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def _check_folder(run_dir: Path, args: argparse.Namespace, job: JobSettings) -> None:
     """Refuse a folder made with other settings before the model loads (the library checks all of it again)."""
-    from .rundir import check
+    from .rundir import read_settings, refuse_changes
 
-    check(run_dir, {"settings": to_dict(job.optimize if args.command == "optimize" else job)}, only=["settings"])
+    new = job.optimize if args.command == "optimize" else job
+    old = read_settings(run_dir, type(new))
+    if old is not None:
+        refuse_changes(run_dir, {"settings": to_dict(old)}, {"settings": to_dict(new)})
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:

@@ -62,16 +62,26 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
 
 
-def check(run_dir: str | Path, config: Mapping[str, Any], only: Sequence[str] | None = None) -> None:
-    """Refuse `run_dir` if it holds another configuration (compared on the keys `only` names, or all)."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG
+def read_settings(run_dir: str | Path, cls: type) -> Any | None:
+    """The settings a run folder recorded, rebuilt as `cls` through `settings.from_dict` (so a
+    hand-edited bad value is refused naming its field); None for a new folder."""
+    from .settings import from_dict
+
+    path = Path(run_dir) / CONFIG
     if not path.exists():
-        return
-    old = json.loads(path.read_text(encoding="utf-8"))
-    if only is not None:
-        old, config = {k: old.get(k) for k in only}, {k: config.get(k) for k in only}
-    changed = changed_fields(old, config)
+        return None
+    return from_dict(cls, json.loads(path.read_text(encoding="utf-8"))["settings"], "settings.")
+
+
+def check(run_dir: str | Path, config: Mapping[str, Any]) -> None:
+    """Refuse `run_dir` if it holds another configuration."""
+    path = Path(run_dir) / CONFIG
+    if path.exists():
+        refuse_changes(run_dir, json.loads(path.read_text(encoding="utf-8")), config)
+
+
+def refuse_changes(run_dir: str | Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    changed = changed_fields(old, new)
     if changed:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
         raise UsageError(f"{run_dir} holds a run with another configuration ({detail}); use another run folder")
