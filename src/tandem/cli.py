@@ -228,8 +228,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     steps = parse_strategy(args.strategy)
     job, engine = _job(args), _settings(EngineSettings, args)
     task = _task(args)
-    sizes = job.data
-    train, val, test = task.train[: sizes.train_size], task.val[: sizes.val_size], task.test[: sizes.test_size]
+    train, val, test = task.sized(job.data)
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
     lm = _lm(args, engine)

@@ -90,8 +90,7 @@ def run_grid(
     run_dir = Path(run_dir)
     claim(run_dir, {**(config or {}), "task": task.name, "lm": describe_lm(lm), "settings": to_dict(job),
                     "strategies": list(strategies.values()), "seeds": list(seeds)})
-    sizes = job.data
-    train, val, test = task.train[: sizes.train_size], task.val[: sizes.val_size], task.test[: sizes.test_size]
+    train, val, test = task.sized(job.data)
     cells = []
     for seed in seeds:
         settings = replace(job.optimize, seed=seed)

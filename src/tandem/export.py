@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .optimizers.better_together import ZERO_SHOT, parse_strategy, results_path
 from .program import Program, load_state
 from .prompts import render_messages
 from .rundir import CONFIG
@@ -32,8 +33,9 @@ def export(run_dir: str | Path, out: str | Path, step: str = "best") -> Path:
     """Export `step` ("best": the strategy's best step by val, or a prefix such as "p-w") of `run_dir` to `out`."""
     run_dir, out = Path(run_dir), Path(out)
     config = _read_json(run_dir / CONFIG, "a tandem run folder (tandem optimize writes one)")
-    prefix = "-".join(s.strip() for s in config.get("strategy", "").split("->")) or "zero-shot"
-    results = _read_json(run_dir / f"results-{prefix}.json", "a finished run")
+    strategy = config.get("strategy", ZERO_SHOT)
+    results = _read_json(results_path(run_dir, () if strategy == ZERO_SHOT else parse_strategy(strategy)),
+                         "a finished run")
     chosen = results["best"] if step == "best" else step
     if not (run_dir / chosen / "step.json").is_file():
         finished = sorted(p.parent.name for p in run_dir.glob("*/step.json"))

@@ -255,11 +255,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
     and what the user typed; `overrides_from_args` collects what was typed.
     """
     group = parser.add_argument_group(title) if title else parser
-    defaults = cls()
+    defaults, names = cls(), flag_names(cls)
     for path, f, kind in leaves(cls):
         if not f.metadata.get("cli", True):
             continue
-        name = flag_names(cls)[path]
+        name = names[path]
         default = get_path(defaults, path)
         text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:

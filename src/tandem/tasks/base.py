@@ -37,6 +37,10 @@ class Task:
         if not callable(self.metric) or not callable(self.make_program):
             raise UsageError(f"task {self.name!r}: make_program and metric must be callables")
 
+    def sized(self, sizes: Any) -> tuple[list[Example], list[Example], list[Example]]:
+        """train, val and test cut to `sizes` (a DataSettings: train_size, val_size, test_size)."""
+        return self.train[: sizes.train_size], self.val[: sizes.val_size], self.test[: sizes.test_size]
+
     def split(self, name: str) -> list[Example]:
         if name not in ("train", "val", "test"):
             raise UsageError(f"split must be train, val or test, got {name!r}")
