@@ -50,7 +50,7 @@ def test_eval_on_a_local_model_folder_prints_score_and_writes_traces(tiny_model_
             "--max-new-tokens", "8", "--output", str(output)]
     out = tandem(*args, env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
     assert out.returncode == 0, out.stderr
-    assert "iris test: score" in out.stdout and "on 4 examples" in out.stdout
+    assert "iris test (constrained): score" in out.stdout and "on 4 examples" in out.stdout
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 4 and all(row["trace"][0]["messages"] for row in rows)
     again = tandem(*args, env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})

@@ -100,13 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="run a BetterTogether strategy and keep the best step")
     _add_common(p)
-    p.add_argument("--strategy", default="p -> w -> p", help="p (prompts) and w (weights) steps joined by '->'")
+    p.add_argument("--strategy", default="p -> w -> p", help="p (prompts), w (weights, the paper's) and w+ (weights, extended) steps joined by '->'")
     _add_job(p, budget_default=None)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("experiment", help="the paper's grid: strategies x seeds, with a report and charts")
     _add_common(p)
-    p.add_argument("--strategies", default="all", help="'all' or a comma list: vanilla, p, w, p -> w, w -> p, ...")
+    p.add_argument("--strategies", default="all", help="a comma list of groups ('all': the paper's rows, 'extended': "
+                   "the Θ+ rows), labels or strategies: vanilla, p, w, p -> w, p -> w+, ...")
     p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on; cells report mean ± std")
     _add_job(p, budget_default="tiny")
     p.set_defaults(func=cmd_experiment)
@@ -155,6 +156,10 @@ def _lm(args, engine: EngineSettings):
     return load_lm(args.model, cache=cache, dtype=engine.dtype, device=engine.device, max_batch=engine.max_batch)
 
 
+def _decoding(generation: GenerationSettings) -> str:
+    return "constrained" if generation.constrained else "free"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
@@ -166,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lm = _lm(args, engine)
     result = evaluate(program, lm, examples, task.metric, generation, max_errors=args.max_errors,
                       desc=f"{task.name}/{args.split}")
-    print(f"{task.name} {args.split}: {result.summary()}")
+    print(f"{task.name} {args.split} ({_decoding(generation)}): {result.summary()}")
     for name, m in task.report_metrics.items():
         value = result.mean(m)
         print(f"  {name}: {'-' if value is None else f'{value:.1f}%'}")
@@ -190,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_show_prompt(args: argparse.Namespace) -> int:
     from .lm import ScriptedLM
     from .program import Run
-    from .prompts import placeholder_reply
+    from .prompts import placeholder_reply, reply_format
 
     task = _task(args)
     program = _program(task, args)
@@ -202,12 +207,16 @@ def cmd_show_prompt(args: argparse.Namespace) -> int:
         lm = _lm(args, _settings(EngineSettings, args))
     else:
         # No model: every module answers with placeholders so the whole pipeline's prompts show.
-        lm = ScriptedLM(lambda request: placeholder_reply(request.messages), name="placeholder")
+        lm = ScriptedLM(lambda request: placeholder_reply(request.messages, request.format), name="placeholder")
     run: Run = program.execute(lm, examples[args.index].inputs(), **generation.run_kwargs())
+    predictors = dict(program.named_predictors())
     for entry in run.trace:
         print(f"===== module: {entry.module} =====")
         for m in entry.messages:
             print(f"--- {m['role']} ---\n{m['content']}")
+        if generation.constrained:
+            grammar = reply_format(predictors[entry.module].signature).grammar()
+            print(f"--- reply grammar (constrained decoding; --no-constrained turns it off) ---\n{grammar}")
         if args.model:
             print(f"--- reply ---\n{entry.reply}")
     if run.error:
@@ -236,7 +245,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                              run_dir=run_dir, report_metrics=task.report_metrics,
                              config={"task": task.name, "task_source": task.source, "model": args.model,
                                      "budget": args.budget})
-    print(f"{task.name} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test)")
+    print(f"{task.name} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test, "
+          f"{_decoding(job.optimize.generation)} decoding)")
     print(result.table())
     print(f"best program: {run_dir / result.best / 'program.json'}; all results: {results_path(run_dir, steps)}")
     return 0

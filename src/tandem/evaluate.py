@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -91,8 +91,18 @@ def evaluate(
     max_errors: int | None = None,
     progress: bool = True,
     desc: str = "eval",
+    seed: int | Sequence[int] = 0,
+    hints: Callable[[Example], Mapping[str, Any]] | None = None,
 ) -> EvalResult:
-    """Run `program` on every example (`generation.threads` at once) and score it with `metric`."""
+    """Run `program` on every example (`generation.threads` at once) and score it with `metric`.
+
+    `seed` (one, or one per example) tells sampled runs apart at temperature > 0, so the same
+    example can be listed several times for several samples; `hints(example)` gives the correct
+    outputs shown to the modules (rationalization, in the weight step).
+    """
+    seeds = [seed] * len(examples) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(examples):
+        raise ValueError(f"{len(seeds)} seeds for {len(examples)} examples")
     run_settings = generation.run_kwargs()
     started = time.perf_counter()
     usage_before = _usage(lm)
@@ -100,8 +110,8 @@ def evaluate(
     errors = finished = 0
     correct = 0.0
 
-    def one(example: Example) -> ExampleResult:
-        run = program.execute(lm, example.inputs(), **run_settings)
+    def one(example: Example, seed: int) -> ExampleResult:
+        run = program.execute(lm, example.inputs(), **run_settings, seed=seed, hints=hints(example) if hints else None)
         if run.failure is not None:
             return ExampleResult(example, None, 0.0, run.trace, run.error, run.failure)
         try:
@@ -114,7 +124,7 @@ def evaluate(
 
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=generation.threads) as pool:
-        futures = {pool.submit(one, ex): i for i, ex in enumerate(examples)}
+        futures = {pool.submit(one, ex, s): i for i, (ex, s) in enumerate(zip(examples, seeds))}
         try:
             for fut in as_completed(futures):
                 result = fut.result()

@@ -37,17 +37,24 @@ STRATEGIES = {
     "Π→Π": "p -> p",
     "Θ→Θ": "w -> w",
 }
+# Beyond the paper: the same rows with the extended weight step (w+), to compare side by side.
+EXTENDED = {"Θ+": "w+", "Π→Θ+": "p -> w+", "Π→Θ+→Π": "p -> w+ -> p"}
+GROUPS = {"all": STRATEGIES, "extended": EXTENDED}
+# Report rows: the paper's order, each extended row beside its paper twin.
+ORDER = ["vanilla", "Π", "Θ", "Θ+", "Π→Θ", "Π→Θ+", "Θ→Π", "Π→Θ→Π", "Π→Θ+→Π", "Π→Π", "Θ→Θ"]
 
 
 def parse_strategies(text: str) -> dict[str, str]:
-    """`all`, or a comma-separated list of labels or strategies (`vanilla, p -> w`)."""
-    if text.strip() == "all":
-        return dict(STRATEGIES)
+    """A comma-separated list of groups (`all`: the paper's rows, `extended`: the Θ+ rows), labels
+    (`Π→Θ+`) or strategies (`vanilla, p -> w`)."""
     chosen = {}
-    by_strategy = {v: k for k, v in STRATEGIES.items()}
+    labels = {**STRATEGIES, **EXTENDED}
+    by_strategy = {v: k for k, v in labels.items()}
     for part in (p.strip() for p in text.split(",")):
-        if part in STRATEGIES:
-            chosen[part] = STRATEGIES[part]
+        if part in GROUPS:
+            chosen.update(GROUPS[part])
+        elif part in labels:
+            chosen[part] = labels[part]
         elif part in ("vanilla", "zero-shot"):
             chosen["vanilla"] = ""
         else:
@@ -134,7 +141,7 @@ def read_cells(run_dir: Path) -> list[Cell]:
 def summarize(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """One row per strategy in the paper's order: mean and standard deviation over seeds."""
     rows = []
-    order = list(STRATEGIES) + sorted({c.strategy for c in cells} - set(STRATEGIES))
+    order = ORDER + sorted({c.strategy for c in cells} - set(ORDER))
     for label in order:
         group = [c for c in cells if c.strategy == label]
         if not group:
@@ -216,7 +223,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     cells = read_cells(run_dir)
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8")) if (run_dir / "config.json").exists() else {}
-    lines = [f"# tandem experiment: {config.get('task', '?')} on {config.get('model', '?')}", ""]
+    lines = [f"# tandem experiment: {config.get('task', '?')} on {config.get('model', '?')}", "", _decoding(config), ""]
     for task in sorted({c.task for c in cells}):
         rows = summarize([c for c in cells if c.task == task])
         seeds = max(r["seeds"] for r in rows)
@@ -242,6 +249,20 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _decoding(config: Mapping[str, Any]) -> str:
+    """One line on how replies were decoded and what the extended weight step (Θ+ rows) added."""
+    optimize = config.get("settings", {}).get("optimize", {})
+    constrained = optimize.get("generation", {}).get("constrained")
+    line = {True: "Decoding: constrained to each module's reply format (every field, typed values).",
+            False: "Decoding: free, parsed after the fact (the paper's setup)."}.get(constrained, "Decoding: free.")
+    extended = optimize.get("weights", {}).get("extended")
+    if extended and any("w+" in s for s in config.get("strategies", [])):
+        line += (f" Θ+ rows: the weight step adds {extended['samples']} sampled runs per example at temperature "
+                 f"{extended['sample_temperature']}, rationalization {'on' if extended['rationalize'] else 'off'}, "
+                 f"class balance {'on' if extended['balance'] else 'off'}; Θ rows are the paper's.")
+    return line
 
 
 def _mean_std(value: tuple[float, float] | None) -> str:

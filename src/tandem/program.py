@@ -16,7 +16,9 @@ from typing import Any, Mapping
 
 from .errors import UsageError
 from .lm.base import LM, Message, Request
-from .prompts import ModelOutputError, ParseError, Truncated, parse_reply, render_messages, stop_strings
+from .prompts import (
+    Invalid, ModelOutputError, ParseError, Truncated, parse_reply, render_messages, reply_format, stop_strings,
+)
 from .signatures import REASONING, Signature, ensure_signature
 
 STATE_VERSION = 1
@@ -84,6 +86,8 @@ class Run:
     temperature: float = 0.0
     max_new_tokens: int = 512
     seed: int = 0
+    constrained: bool = False  # ask the engine to decode within each module's reply format
+    hints: dict[str, Any] | None = None  # rationalization: correct outputs shown to the modules that write them
     trace: list[TraceEntry] = field(default_factory=list)
     prediction: Prediction | None = None
     error: str | None = None  # the failure's message, when what the model wrote could not be used
@@ -132,11 +136,12 @@ class Predict(Module):
         self.max_new_tokens = max_new_tokens
         self.name = "predict"
 
-    def messages(self, inputs: Mapping[str, Any], demos: list[dict[str, Any]] | None = None) -> list[Message]:
-        return render_messages(self.signature, self.demos if demos is None else demos, inputs)
+    def messages(self, inputs: Mapping[str, Any], demos: list[dict[str, Any]] | None = None,
+                 hint: Mapping[str, Any] | None = None) -> list[Message]:
+        return render_messages(self.signature, self.demos if demos is None else demos, inputs, hint)
 
     def __call__(self, run: Run, **inputs: Any) -> Prediction:
-        messages = self.messages(inputs)
+        messages = self.messages(inputs, hint=run.hints)
         limit = min(run.max_new_tokens, self.max_new_tokens or run.max_new_tokens)
         request = Request(
             tuple(messages),
@@ -145,6 +150,7 @@ class Predict(Module):
             stop=stop_strings(self.signature),
             adapter=run.adapter,
             seed=run.seed,
+            format=reply_format(self.signature) if run.constrained else None,
         )
         entry = TraceEntry(self.name, dict(inputs), messages)
         run.trace.append(entry)
@@ -153,9 +159,9 @@ class Predict(Module):
         try:
             entry.outputs = parse_reply(self.signature, entry.reply)
         except ParseError as exc:
-            if completion.finish_reason == "length" and exc.missing:  # it never got there: say so, not "no field"
+            if completion.finish_reason == "length" and exc.missing:  # it was cut: say so, not "no field"
                 label = {f.name: f.label for f in self.signature.outputs}[exc.missing[0]]
-                exc = Truncated(limit, label, entry.reply)
+                exc = Truncated(limit, label, entry.reply, inside=isinstance(exc, Invalid))
             entry.error = f"{exc.kind}: {exc}"
             raise exc from None
         return Prediction(entry.outputs)

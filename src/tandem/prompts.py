@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
-from .signatures import Field, Signature
+from .lm.base import FieldFormat, ReplyFormat
+from .signatures import Field, InvalidValue, Signature
 
 Message = dict[str, str]
 
@@ -38,11 +39,18 @@ class ParseError(ModelOutputError):
 class Truncated(ParseError):
     """The reply hit its token limit before writing a field; `kind` says which and at what limit."""
 
-    def __init__(self, limit: int, field: str, reply: str):
-        super().__init__(f"reply truncated at {limit} tokens before its {field} field: {reply[-120:]!r}", (field,))
+    def __init__(self, limit: int, field: str, reply: str, inside: bool = False):
+        where = "in" if inside else "before"
+        super().__init__(f"reply truncated at {limit} tokens {where} its {field} field: {reply[-120:]!r}", (field,))
         self.limit = limit
         self.field = field
-        self.kind = f"truncated at {limit} tokens before {field}"
+        self.kind = f"truncated at {limit} tokens {where} {field}"
+
+
+class Invalid(ParseError):
+    """A field is there, but its value is not of the field's type (not one of its choices, no number)."""
+
+    kind = "invalid"
 
 
 def _format_value(value: object) -> str:
@@ -67,7 +75,8 @@ FORMAT_HEADER = "Answer with exactly these lines, in this order:"
 
 def system_message(signature: Signature) -> str:
     def describe(fields: Sequence[Field]) -> str:
-        return "\n".join(f"- {f.label}" + (f": {f.description}" if f.description else "") for f in fields)
+        return "\n".join(f"- {f.label}" + (f" ({f.kind})" if f.kind else "") + (f": {f.description}" if f.description else "")
+                         for f in fields)
 
     lines = []
     if signature.instructions:
@@ -79,9 +88,14 @@ def system_message(signature: Signature) -> str:
 
 
 def render_messages(
-    signature: Signature, demos: Sequence[Mapping[str, object]], inputs: Mapping[str, object]
+    signature: Signature, demos: Sequence[Mapping[str, object]], inputs: Mapping[str, object],
+    hint: Mapping[str, object] | None = None,
 ) -> list[Message]:
-    """Chat messages for one call: system (instructions and format), demos as turns, then the inputs."""
+    """Chat messages for one call: system (instructions and format), demos as turns, then the inputs.
+
+    `hint` (output field -> its correct value) is for rationalization only: the last turn then
+    tells the model the answer it must reach. Training prompts are rendered without it.
+    """
     missing = [name for name in signature.input_names if name not in inputs]
     if missing:
         raise ValueError(f"missing inputs for signature '{signature}': {missing}")
@@ -89,7 +103,12 @@ def render_messages(
     for demo in demos:
         messages.append({"role": "user", "content": _render_fields(signature.inputs, demo)})
         messages.append({"role": "assistant", "content": render_reply(signature, demo)})
-    messages.append({"role": "user", "content": _render_fields(signature.inputs, inputs)})
+    last = _render_fields(signature.inputs, inputs)
+    shown = {f.label: hint[f.name] for f in signature.outputs if hint and hint.get(f.name) not in (None, "")}
+    if shown:
+        answer = "; ".join(f"{label}: {_format_value(value)}" for label, value in shown.items())
+        last += f"\n\nHint: the correct answer is {answer}. Explain the reasoning that leads to it."
+    messages.append({"role": "user", "content": last})
     return messages
 
 
@@ -130,11 +149,29 @@ def parse_reply(signature: Signature, reply: str, optional: Sequence[str] = ("re
     empty = [n for n in signature.output_names if n in values and not values[n] and n not in optional]
     if empty:
         raise ParseError(f"reply has an empty {', '.join(empty)} field: {reply[:200]!r}", empty)
-    return {n: values.get(n, "") for n in signature.output_names}
+    out = {}
+    for f in signature.outputs:
+        try:
+            out[f.name] = f.check(values[f.name]) if values.get(f.name) else values.get(f.name, "")
+        except InvalidValue as exc:
+            raise Invalid(str(exc), (f.name,)) from None
+    return out
 
 
-def placeholder_reply(messages: Sequence[Message]) -> str:
-    """A reply with every output field filled by a placeholder, for showing prompts without a model."""
-    fmt = messages[0]["content"].split(FORMAT_HEADER, 1)[-1]
-    labels = [line[: -len(": ...")] for line in fmt.splitlines() if line.endswith(": ...")]
+def reply_format(signature: Signature, optional: Sequence[str] = ("reasoning",)) -> ReplyFormat:
+    """What a constrained engine must make the reply: every output field, in order, one line each,
+    typed values from their set. Free text stays free (and may be empty where the parser allows it)."""
+    return ReplyFormat(tuple(FieldFormat(f.label, f.type, f.choices, f.name in optional) for f in signature.outputs))
+
+
+def placeholder_reply(messages: Sequence[Message], fmt: ReplyFormat | None = None) -> str:
+    """A reply with every output field filled by a placeholder, for showing prompts without a model.
+    Given the request's reply format, typed fields get a value of their type (the first choice, 0)."""
+    if fmt is not None:
+        def value(f: FieldFormat) -> str:
+            return f.choices[0] if f.type == "choice" else "0" if f.type in ("int", "number") else \
+                f"<{f.label.lower()} written by the model>"
+        return "\n".join(f"{f.label}: {value(f)}" for f in fmt.fields)
+    fmt_text = messages[0]["content"].split(FORMAT_HEADER, 1)[-1]
+    labels = [line[: -len(": ...")] for line in fmt_text.splitlines() if line.endswith(": ...")]
     return "\n".join(f"{label}: <{label.lower()} written by the model>" for label in labels)

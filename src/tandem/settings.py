@@ -64,10 +64,12 @@ class GenerationSettings(Settings):
     temperature: float = setting(0.0, "sampling temperature (0 = greedy)", ge=0)
     max_new_tokens: int = setting(384, "cap on tokens generated per module call", ge=1)
     threads: int = setting(32, "program executions run concurrently (their calls meet in the engine's batches)", ge=1)
+    constrained: bool = setting(True, "constrain decoding to the reply format: every field, in order, typed values "
+                                      "(off: the model writes freely and the reply is parsed after the fact)")
 
     def run_kwargs(self) -> dict[str, Any]:
         """What `Program.execute` takes."""
-        return {"temperature": self.temperature, "max_new_tokens": self.max_new_tokens}
+        return {"temperature": self.temperature, "max_new_tokens": self.max_new_tokens, "constrained": self.constrained}
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,24 @@ class PromptSettings(Settings):
 
 
 @dataclass(frozen=True)
+class ExtendedWeightSettings(Settings):
+    """Θ+ (`w+` in a strategy): the weight step with more to learn from than the paper's passing runs."""
+
+    samples: int = setting(4, "sampled runs per training example; every distinct passing one is kept (rejection "
+                              "sampling)", ge=0)
+    sample_temperature: float = setting(0.7, "temperature of those sampled runs", gt=0)
+    rationalize: bool = setting(True, "examples with no passing run get one run with the gold answer as a hint; "
+                                      "kept, without the hint, if it passes (STaR)")
+    balance: bool = setting(True, "where the answer is a choice field, no class keeps more than its share of the "
+                                  "runs (total / number of choices)")
+
+
+@dataclass(frozen=True)
 class WeightSettings(Settings):
     """Θ: BootstrapFinetune."""
 
     lora: LoraSettings = setting(LoraSettings(), "LoRA hyperparameters")
+    extended: ExtendedWeightSettings = setting(ExtendedWeightSettings(), "what a `w+` step adds")
     with_demos: bool = setting(False, "train and run with the program's demos (the paper: without)")
     metric_threshold: float = setting(1.0, "a run gives training calls when its metric is at least this")
 
@@ -150,14 +166,15 @@ class JobSettings(Settings):
 
 # Named presets of the same settings the command line sets (by flag name); any flag still wins.
 # tiny: minutes on a 2-core CPU with a 135M model; small: an hour or so; paper: the paper's settings
-# (prompt optimization on 100 train / 250 val, Iris 15 / 35; LoRA rank 32, alpha 64, 5 epochs).
+# (prompt optimization on 100 train / 250 val, Iris 15 / 35; LoRA rank 32, alpha 64, 5 epochs; free decoding).
 BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": dict(train_size=15, val_size=20, test_size=50, num_candidates=2, max_bootstrapped_demos=3,
                  max_labeled_demos=3, epochs=2, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=96),
     "small": dict(train_size=50, val_size=50, test_size=100, num_candidates=4, max_bootstrapped_demos=3,
                   max_labeled_demos=3, epochs=3, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=256),
     "paper": dict(train_size=100, val_size=250, test_size=1500, num_candidates=6, max_bootstrapped_demos=3,
-                  max_labeled_demos=3, epochs=5, learning_rate=1e-4, rank=32, alpha=64, max_new_tokens=1024),
+                  max_labeled_demos=3, epochs=5, learning_rate=1e-4, rank=32, alpha=64, max_new_tokens=1024,
+                  constrained=False),
 }
 PAPER_IRIS = {"train_size": 15, "val_size": 35}
 
@@ -286,6 +303,7 @@ def flag_of(cls: type, field_name: str) -> str:
 
 __all__ = [
     "setting", "validate", "GenerationSettings", "EngineSettings", "LoraSettings", "PromptSettings", "WeightSettings",
+    "ExtendedWeightSettings",
     "OptimizeSettings", "DataSettings", "JobSettings", "to_dict", "from_dict", "with_overrides", "add_arguments",
     "overrides_from_args", "flag_names", "BUDGETS", "resolve_budget",
 ]

@@ -1,4 +1,15 @@
-"""Signatures: what a module reads and writes, declared as named fields plus instructions."""
+"""Signatures: what a module reads and writes, declared as named fields plus instructions.
+
+An output field may say what it holds: free text (the default), an integer, a number, or one of
+fixed choices. In the string shorthand the type follows the name after a colon:
+
+    "question -> answer: int"
+    "sepal_length, petal_length -> species: setosa|versicolor|virginica"
+    "question -> reasoning: text, answer: number"
+
+A typed field's value is checked and made canonical when a reply is parsed (`Field.check`), and
+the engine can constrain decoding to it (`prompts.reply_format`).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +21,100 @@ from .errors import UsageError
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+TYPES = ("text", "int", "number", "choice")
+_NUMBER = re.compile(r"[-+]?\$?\s*(\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+
+class InvalidValue(ValueError):
+    """A value that is not of its field's type (a word where an integer belongs, a choice not offered)."""
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
     description: str = ""
+    type: str = "text"  # text | int | number | choice
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.choices and self.type == "text":
+            object.__setattr__(self, "type", "choice")
+        object.__setattr__(self, "choices", tuple(str(c).strip() for c in self.choices))
+        if self.type not in TYPES:
+            raise UsageError(f"field {self.name!r}: unknown type {self.type!r}; write int, number, text or a|b|c")
+        if (self.type == "choice") != bool(self.choices):
+            raise UsageError(f"field {self.name!r}: choices go with type 'choice' and it needs them")
+        if self.type == "choice" and (len(set(c.lower() for c in self.choices)) != len(self.choices)
+                                      or not all(self.choices) or any("\n" in c for c in self.choices)):
+            raise UsageError(f"field {self.name!r}: choices must be distinct, non-empty, one line each: {self.choices}")
 
     @property
     def label(self) -> str:
         """The marker the prompt uses for this field: `search_query` -> `Search Query`."""
         return " ".join(part.capitalize() for part in self.name.split("_"))
+
+    @property
+    def kind(self) -> str:
+        """How the prompt describes the value: "", "an integer", "a number", "one of: a, b, c"."""
+        return {"text": "", "int": "an integer", "number": "a number",
+                "choice": "one of: " + ", ".join(self.choices)}[self.type]
+
+    def check(self, value: str) -> str:
+        """The canonical value of a parsed reply field, or InvalidValue.
+
+        Choices: case, markdown and punctuation are ignored ("**Setosa.**" -> "setosa"); a value
+        that names exactly one choice gives it ("virginica, because ..." -> "virginica"), one that
+        names none or several is invalid. Numbers: currency signs and thousands commas are ignored; a value that
+        starts with a number gives it, else the last number it holds ("The answer is 1,200." -> "1200").
+        """
+        if self.type == "text":
+            return value
+        if self.type == "choice":
+            return self._choice(value)
+        numbers = list(_NUMBER.finditer(value))
+        if not numbers:
+            raise InvalidValue(f"{self.label} {value[:60]!r} holds no number")
+        first = numbers[0]
+        found = first if not value[: first.start()].strip(" *_$") else numbers[-1]
+        text = found.group(1).replace(",", "")
+        sign = "-" if found.group(0).lstrip().startswith("-") else ""
+        number = float(sign + text)
+        if self.type == "int":
+            if number != int(number):
+                raise InvalidValue(f"{self.label} {value[:60]!r} is not an integer")
+            return str(int(number))
+        return str(int(number)) if number == int(number) else repr(number)
+
+    def _choice(self, value: str) -> str:
+        def words(text: str) -> str:  # case, markdown, punctuation and hyphens do not count
+            return " ".join(re.findall(r"\w+", text.lower().replace("_", " ")))
+
+        text = words(value)
+        by_text = {words(c): c for c in self.choices}
+        if text in by_text:
+            return by_text[text]
+        named = [c for t, c in by_text.items() if f" {t} " in f" {text} "]
+        if len(named) == 1:
+            return named[0]
+        raise InvalidValue(f"{self.label} {value[:60]!r} is not one of {'|'.join(self.choices)}")
+
+    def spec(self) -> str:
+        """The field in signature shorthand: `answer`, `answer: int`, `species: a|b|c`."""
+        if self.type == "text":
+            return self.name
+        return f"{self.name}: {'|'.join(self.choices) if self.type == 'choice' else self.type}"
+
+    @classmethod
+    def parse(cls, text: str, description: str = "") -> "Field":
+        """`name`, `name: int|number|text` or `name: a|b|c`."""
+        name, colon, kind = (part.strip() for part in text.partition(":"))
+        if not colon:
+            return cls(name, description)
+        if "|" in kind:
+            return cls(name, description, "choice", tuple(c for c in kind.split("|")))
+        if kind not in ("text", "int", "number"):
+            raise UsageError(f"field {name!r}: unknown type {kind!r}; write int, number, text or a|b|c")
+        return cls(name, description, kind)
 
 
 @dataclass(frozen=True)
@@ -36,6 +132,9 @@ class Signature:
                 raise UsageError(f"field name {name!r} is not an identifier")
         if len(set(names)) != len(names):
             raise UsageError(f"duplicate field names in {names}")
+        typed = [f.name for f in self.inputs if f.type != "text"]
+        if typed:
+            raise UsageError(f"types are for output fields; input {typed[0]!r} has one")
 
     @classmethod
     def parse(cls, text: str, instructions: str = "", descriptions: dict[str, str] | None = None) -> "Signature":
@@ -45,8 +144,9 @@ class Signature:
         descriptions = descriptions or {}
         left, right = (side.split(",") for side in text.split("->"))
 
-        def fields(names: list[str]) -> tuple[Field, ...]:
-            return tuple(Field(n.strip(), descriptions.get(n.strip(), "")) for n in names if n.strip())
+        def fields(specs: list[str]) -> tuple[Field, ...]:
+            parsed = [Field.parse(s) for s in specs if s.strip()]
+            return tuple(replace(f, description=descriptions.get(f.name, "")) for f in parsed)
 
         sig = cls(fields(left), fields(right), instructions)
         unknown = set(descriptions) - {f.name for f in sig.fields}
@@ -73,7 +173,7 @@ class Signature:
         return replace(self, outputs=(new,) + self.outputs)
 
     def __str__(self) -> str:
-        return f"{', '.join(self.input_names)} -> {', '.join(self.output_names)}"
+        return f"{', '.join(self.input_names)} -> {', '.join(f.spec() for f in self.outputs)}"
 
 
 def ensure_signature(spec: "str | Signature", instructions: str = "", descriptions: dict[str, str] | None = None) -> Signature:
@@ -84,4 +184,4 @@ def ensure_signature(spec: "str | Signature", instructions: str = "", descriptio
 
 REASONING = Field("reasoning", "Think step by step before giving the answer.")
 
-__all__ = ["Field", "Signature", "ensure_signature", "REASONING"]
+__all__ = ["Field", "InvalidValue", "Signature", "ensure_signature", "REASONING", "TYPES"]

@@ -18,6 +18,55 @@ Message = dict[str, str]
 
 
 @dataclass(frozen=True)
+class FieldFormat:
+    """One output field of a constrained reply: its label, type and choices (see signatures.Field)."""
+
+    label: str
+    type: str = "text"  # text | int | number | choice
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # free text that may be left empty (reasoning)
+
+
+# Digits are bounded so that a model cannot loop on "1111..." until its token limit.
+_VALUES = {"int": '"-"? [0-9]{1,15}', "number": '"-"? [0-9]{1,15} ("." [0-9]{1,6})?'}
+VALUE_TOKENS = {"int": 17, "number": 24}  # the most tokens such a value can take (one digit a token, sign, dot)
+
+
+def _literal(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class ReplyFormat:
+    """The shape a reply must have: `Label: value` lines, one per output field, in order.
+
+    Engine-neutral: `grammar()` is an EBNF grammar in the dialect xgrammar reads (the local engine
+    and vLLM's structured outputs both use xgrammar), so every engine enforces the same format.
+    Values are one line each, which keeps the reply unambiguous to parse; a choice may be written
+    as declared or capitalized.
+    """
+
+    fields: tuple[FieldFormat, ...]
+
+    def grammar(self) -> str:
+        parts, rules = [], []
+        for i, f in enumerate(self.fields):
+            sep = '"\\n" ' if i else ""
+            parts.append(f'{sep}{_literal(f.label + ":")} " "? v{i}')
+            rules.append(f"v{i} ::= {self.value_rule(f)}")
+        return "\n".join([f"root ::= {' '.join(parts)}", *rules])
+
+    @staticmethod
+    def value_rule(f: FieldFormat) -> str:
+        if f.type == "choice":
+            variants = dict.fromkeys(v for c in f.choices for v in (c, c[:1].upper() + c[1:]))
+            return " | ".join(_literal(v) for v in variants)
+        if f.type in _VALUES:
+            return _VALUES[f.type]
+        return "[^\\n]*" if f.optional else "[^\\n]+"
+
+
+@dataclass(frozen=True)
 class Request:
     messages: tuple[Message, ...]
     max_new_tokens: int = 512
@@ -25,6 +74,7 @@ class Request:
     stop: tuple[str, ...] = ()
     adapter: str | None = None  # path of a PEFT adapter folder; None means base weights
     seed: int = 0  # tells apart repeated samples of the same prompt at temperature > 0
+    format: ReplyFormat | None = None  # constrain decoding to this reply format (None: free)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -36,6 +86,8 @@ class Request:
         """Stable cache key: the model, the adapter's content (not its path), messages and sampling."""
         data = asdict(self)
         data["adapter"] = adapter_digest
+        if data["format"] is None:  # unconstrained requests keep the keys they had before formats existed
+            del data["format"]
         data["model"] = model
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

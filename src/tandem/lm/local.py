@@ -162,6 +162,7 @@ class LocalLM:
         self.min_shared_prefix = min_shared_prefix
         self.lock = threading.RLock()  # held while the model generates or trains
         self._adapters: dict[tuple[str, float], str] = {}
+        self._constraint_builder = None  # built at the first request with a reply format
         self.max_batch = max_batch
         self._batcher = DynamicBatcher(self._run_batch, max_batch=max_batch, max_wait=max_wait)
 
@@ -287,7 +288,7 @@ class LocalLM:
         generators = [_generator(r, self.device) for r in requests] if requests[0].temperature > 0 else None
         with self.using_adapter(requests[0].adapter) as model:
             rows, ended = self._decode(model, encoded, limits, [r.stop for r in requests], requests[0].temperature,
-                                       generators)
+                                       generators, [r.format for r in requests])
         completions = []
         for row, req, ids, stopped in zip(rows, requests, encoded, ended):
             text = self.tokenizer.decode(row, skip_special_tokens=True)
@@ -331,12 +332,20 @@ class LocalLM:
         self.usage.extra["shared_prefix_tokens"] = self.usage.extra.get("shared_prefix_tokens", 0) + shared * (len(encoded) - 1)
         return cache, logits, mask, positions[:, -1] + 1
 
-    def _decode(self, model, encoded, limits, stops, temperature, generators=None):
+    def _constraints(self):
+        if self._constraint_builder is None:
+            from .constrained import Constraints
+
+            self._constraint_builder = Constraints(self.tokenizer, self.model.config.vocab_size, self._eos_ids())
+        return self._constraint_builder
+
+    def _decode(self, model, encoded, limits, stops, temperature, generators=None, formats=None):
         """Prefill, then decode token by token; a finished row leaves the batch at once.
 
         A row finishes at an end-of-sequence token or one of its stop strings (it ended by
         itself), or at its own token limit (it was cut). Removing finished rows (and their cache)
         means a batch costs what its live rows need, not what its longest reply needs.
+        A row with a reply format is masked to what the format allows (lm/constrained.py).
         Returns the generated ids per row and whether each row ended by itself.
         """
         eos = set(self._eos_ids())
@@ -344,16 +353,28 @@ class LocalLM:
         active = list(range(len(limits)))
         rows: list[list[int]] = [[] for _ in limits]
         ended = [False] * len(limits)
+        formats = formats or [None] * len(limits)
+        constraints = ([self._constraints().row(f, n) if f else None for f, n in zip(formats, limits)]
+                       if any(formats) else None)
         while True:
             if self._batcher.cancelling:
                 raise Cancelled(f"generation cancelled after {max(map(len, rows))} tokens")
+            if constraints:
+                logits = self._constraints().apply(logits, [constraints[i] for i in active], [len(rows[i]) for i in active])
             if temperature > 0:
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
                 tokens = torch.cat([torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(active)])
             else:
                 tokens = logits.argmax(dim=-1)
+            if constraints:
+                for j, i in enumerate(active):
+                    forced = constraints[i].next_forced() if constraints[i] else None
+                    if forced is not None:
+                        tokens[j] = forced
             keep = []
             for j, (i, t) in enumerate(zip(active, tokens.tolist())):
+                if constraints and constraints[i]:
+                    constraints[i].accept(t)
                 if t in eos:
                     ended[i] = True
                     continue

@@ -1,4 +1,4 @@
-"""BetterTogether: a strategy of prompt (p) and weight (w) steps, each built on the last.
+"""BetterTogether: a strategy of prompt (p) and weight (w, or extended w+) steps, each built on the last.
 
 Every step is scored on the validation set (for selection) and the test set (for reporting
 only); the step with the best validation score is returned. A run folder keeps each step's
@@ -28,17 +28,21 @@ from .weights import bootstrap_finetune
 
 log = logging.getLogger(__name__)
 
-STEP_NAMES = {"p": "Π (prompts)", "w": "Θ (weights)"}
+STEP_NAMES = {  # a step's token in a strategy string, and what it is
+    "p": "Π (prompts)",
+    "w": "Θ (weights)",
+    "w+": "Θ+ (weights, extended: sampled runs, rationalization, class balance)",
+}
 ZERO_SHOT = "zero-shot"
 
 
 def parse_strategy(text: str) -> tuple[str, ...]:
     """`"p -> w -> p"` -> ("p", "w", "p"); anything else is refused with the valid form."""
-    steps = tuple(part.strip().lower() for part in str(text).split("->"))
+    steps = tuple(part.strip().lower().replace(" ", "") for part in str(text).split("->"))
     if not steps or any(s not in STEP_NAMES for s in steps):
         raise UsageError(
-            f"invalid strategy {text!r}: write steps 'p' (prompts) and 'w' (weights) joined by '->', "
-            "e.g. 'p', 'w', 'p -> w', 'p -> w -> p'"
+            f"invalid strategy {text!r}: write steps 'p' (prompts), 'w' (weights, the paper's) and 'w+' "
+            "(weights, extended) joined by '->', e.g. 'p', 'w', 'p -> w', 'p -> w -> p', 'p -> w+ -> p'"
         )
     return steps
 
@@ -54,7 +58,7 @@ def pretty(steps: Sequence[str]) -> str:
 @dataclass
 class StepRecord:
     prefix: str  # e.g. "p-w"
-    kind: str  # "p", "w" or "" for zero-shot
+    kind: str  # "p", "w", "w+" or "" for zero-shot
     val: float
     test: float | None
     seconds: float
@@ -119,9 +123,9 @@ def take_step(
         result = bootstrap_fewshot_rs(program, lm, train, val, metric, settings.prompts, seed=seed,
                                       generation=settings.generation, progress=progress)
         return result.program, result.summary()
-    if kind == "w":
+    if kind in ("w", "w+"):
         result = bootstrap_finetune(program, lm, train, val, metric, settings.weights, out_dir=folder, seed=seed,
-                                    generation=settings.generation, progress=progress)
+                                    generation=settings.generation, progress=progress, extended=kind == "w+")
         return result.program, result.summary()
     raise ValueError(f"unknown step kind {kind!r}")
 

@@ -15,7 +15,7 @@ INSTRUCTIONS = "Solve the grade-school math word problem. Reason step by step, t
 
 class GSM8KProgram(Program):
     def __init__(self) -> None:
-        self.solve = ChainOfThought("question -> answer", INSTRUCTIONS)
+        self.solve = ChainOfThought("question -> answer: number", INSTRUCTIONS)
 
     def forward(self, run: Run, question: str) -> Prediction:
         return self.solve(run, question=question)

@@ -17,7 +17,7 @@ INSTRUCTIONS = (
 
 class IrisProgram(Program):
     def __init__(self) -> None:
-        self.classify = ChainOfThought(f"{', '.join(FEATURES)} -> species", INSTRUCTIONS)
+        self.classify = ChainOfThought(f"{', '.join(FEATURES)} -> species: {'|'.join(SPECIES)}", INSTRUCTIONS)
 
     def forward(self, run: Run, **measurements: float) -> Prediction:
         return self.classify(run, **measurements)
