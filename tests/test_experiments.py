@@ -48,12 +48,24 @@ def test_grid_computes_shared_prefixes_once(tmp_path):
     lm = ScriptedLM(smart, trainable=True)
     cells = run_grid(task(), Double(), lm, parse_strategies("all"), [0], budget(), tmp_path, progress=False)
     assert [c.strategy for c in cells] == list(STRATEGIES)
+    report = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "Decoding: constrained to each module's reply format" in report and "Θ+ rows" not in report
     steps = sorted(p.name for p in (tmp_path / "seed-0").iterdir() if (p / "step.json").exists())
     # 8 strategies, but only 8 distinct prefixes: zero-shot, p, w, p-w, w-p, p-w-p, p-p, w-w
     assert steps == sorted(["zero-shot", "p", "w", "p-w", "w-p", "p-w-p", "p-p", "w-w"])
     assert len(lm.finetuned) == 3  # w, p-w, w-w: each weight step trained once
     by = {c.strategy: c for c in cells}
     assert by["vanilla"].val == 50.0 and by["Π"].val == 100.0
+
+
+def test_extended_rows_sit_beside_the_papers_and_the_report_says_what_they_add(tmp_path):
+    lm = ScriptedLM(smart, trainable=True)
+    job = resolve_budget("tiny", "double", dict(num_candidates=1, epochs=1, threads=4, samples=1, constrained=False))
+    run_grid(task(), Double(), lm, parse_strategies("p -> w, extended"), [0], job, tmp_path, progress=False)
+    assert [r["strategy"] for r in summarize(read_cells(tmp_path))] == ["Θ+", "Π→Θ", "Π→Θ+", "Π→Θ+→Π"]
+    report = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "Decoding: free, parsed after the fact" in report
+    assert "Θ+ rows: the weight step adds 1 sampled runs per example at temperature 0.7" in report
 
 
 def test_interrupted_grid_resumes_and_a_finished_grid_only_reads(tmp_path):

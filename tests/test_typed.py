@@ -5,7 +5,7 @@ import pytest
 from tandem.lm import Request
 from tandem.lm.local import LocalLM
 from tandem.program import ChainOfThought, Predict, Program
-from tandem.prompts import Invalid, ParseError, parse_reply, reply_format, system_message
+from tandem.prompts import Invalid, ParseError, _label_pattern, parse_reply, reply_format, system_message
 from tandem.signatures import Field, Signature
 
 IRIS = "petal_length, petal_width -> species: setosa|versicolor|virginica"
@@ -67,6 +67,22 @@ def test_the_prompt_says_the_type():
     assert "- Answer (an integer)" in text and "- Species (one of: a, b)" in text
 
 
+@pytest.mark.parametrize("text, ok", [
+    ("one line", True), ("first\nsecond line\n\n- a list item", True),
+    ("so\nAnswer: 4", False), ("so\n**answer**: 4", False), ("so\n> QUESTION :", False),
+    ("so\nAnswers: many", True), ("so\nThe answer: 4", True), ("so\nAnswer", True),
+])
+def test_free_text_lines_may_not_begin_like_a_field(text, ok, embedded_model_dir):
+    """The grammar itself, run by xgrammar: what parse_reply would read as a field is refused."""
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    info = xgrammar.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(embedded_model_dir))
+    grammar = reply_format(ChainOfThought("question -> answer: int").signature).grammar()
+    matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_grammar(grammar))
+    assert matcher.accept_string(f"Reasoning: {text}\nAnswer: 4") == ok
+
+
 def test_grammar_has_every_field_in_order():
     grammar = reply_format(ChainOfThought(IRIS).signature).grammar()
     assert grammar.splitlines()[0] == 'root ::= "Reasoning:" " "? v0 "\\n" "Species:" " "? v1'
@@ -98,7 +114,8 @@ def test_every_constrained_reply_parses_with_a_declared_value(lm, limit, tempera
         assert completion.completion_tokens <= limit
         parsed = parse_reply(module.signature, completion.text)
         assert parsed["species"] in ("setosa", "versicolor", "virginica"), completion.text
-        assert completion.text.count("\n") == 1
+        labels = _label_pattern(module.signature.fields).findall(completion.text)
+        assert labels == ["Reasoning", "Species"], completion.text  # each field once; no line of text looks like one
 
 
 def test_numbers_and_several_free_fields_reach_the_last_field(lm):

@@ -3,7 +3,7 @@
 from .evaluate import EvalResult, evaluate
 from .lm import LM, CachedLM, Completion, Request, ScriptedLM, load_lm
 from .program import ChainOfThought, Example, Predict, Prediction, Program, Run, TraceEntry
-from .prompts import ModelOutputError, ParseError, Truncated, parse_reply, render_messages
+from .prompts import Invalid, ModelOutputError, ParseError, Truncated, parse_reply, render_messages, reply_format
 from .settings import GenerationSettings, OptimizeSettings
 from .signatures import Field, Signature
 
@@ -12,4 +12,5 @@ __all__ = [
     "Signature", "Field", "Predict", "ChainOfThought", "Program", "Run", "Example", "Prediction", "TraceEntry",
     "render_messages", "parse_reply", "ParseError", "LM", "Request", "Completion", "CachedLM", "ScriptedLM",
     "load_lm", "evaluate", "EvalResult", "ModelOutputError", "Truncated", "GenerationSettings", "OptimizeSettings",
+    "Invalid", "reply_format",
 ]

@@ -159,9 +159,11 @@ def parse_reply(signature: Signature, reply: str, optional: Sequence[str] = ("re
 
 
 def reply_format(signature: Signature, optional: Sequence[str] = ("reasoning",)) -> ReplyFormat:
-    """What a constrained engine must make the reply: every output field, in order, one line each,
-    typed values from their set. Free text stays free (and may be empty where the parser allows it)."""
-    return ReplyFormat(tuple(FieldFormat(f.label, f.type, f.choices, f.name in optional) for f in signature.outputs))
+    """What a constrained engine must make the reply: every output field, in order, typed values one
+    line each from their set. Free text stays free (empty where the parser allows it), except that
+    none of its lines may begin with a label of the signature, which `parse_reply` would read as a field."""
+    fields = tuple(FieldFormat(f.label, f.type, f.choices, f.name in optional) for f in signature.outputs)
+    return ReplyFormat(fields, tuple(f.label for f in signature.fields))
 
 
 def placeholder_reply(messages: Sequence[Message], fmt: ReplyFormat | None = None) -> str:

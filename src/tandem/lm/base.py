@@ -27,43 +27,27 @@ class FieldFormat:
     optional: bool = False  # free text that may be left empty (reasoning)
 
 
-# Digits are bounded so that a model cannot loop on "1111..." until its token limit.
-_VALUES = {"int": '"-"? [0-9]{1,15}', "number": '"-"? [0-9]{1,15} ("." [0-9]{1,6})?'}
-VALUE_TOKENS = {"int": 17, "number": 24}  # the most tokens such a value can take (one digit a token, sign, dot)
-
-
-def _literal(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+VALUE_TOKENS = {"int": 17, "number": 24}  # the most tokens a typed value can take (one digit a token, sign, dot)
 
 
 @dataclass(frozen=True)
 class ReplyFormat:
-    """The shape a reply must have: `Label: value` lines, one per output field, in order.
+    """The shape a reply must have: `Label: value`, one per output field, in order.
 
-    Engine-neutral: `grammar()` is an EBNF grammar in the dialect xgrammar reads (the local engine
-    and vLLM's structured outputs both use xgrammar), so every engine enforces the same format.
-    Values are one line each, which keeps the reply unambiguous to parse; a choice may be written
-    as declared or capitalized.
+    Engine-neutral: `grammar()` (lm/grammar.py) is an EBNF grammar that xgrammar reads, for the
+    local engine and for vLLM's structured outputs alike, so every engine enforces the same format.
+    Typed values are one line; a choice may be written as declared or capitalized. Free text may
+    run over lines, none of which may begin with one of `line_labels` (the signature's labels,
+    inputs too), so the reply parses back exactly as it was written.
     """
 
     fields: tuple[FieldFormat, ...]
+    line_labels: tuple[str, ...] = ()
 
     def grammar(self) -> str:
-        parts, rules = [], []
-        for i, f in enumerate(self.fields):
-            sep = '"\\n" ' if i else ""
-            parts.append(f'{sep}{_literal(f.label + ":")} " "? v{i}')
-            rules.append(f"v{i} ::= {self.value_rule(f)}")
-        return "\n".join([f"root ::= {' '.join(parts)}", *rules])
+        from .grammar import reply_grammar
 
-    @staticmethod
-    def value_rule(f: FieldFormat) -> str:
-        if f.type == "choice":
-            variants = dict.fromkeys(v for c in f.choices for v in (c, c[:1].upper() + c[1:]))
-            return " | ".join(_literal(v) for v in variants)
-        if f.type in _VALUES:
-            return _VALUES[f.type]
-        return "[^\\n]*" if f.optional else "[^\\n]+"
+        return reply_grammar(self)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 A request's `ReplyFormat` compiles (once per format) to an xgrammar grammar; each row of a batch
 gets its own matcher, which masks the logits to the tokens the format allows next. xgrammar was
-chosen by measurement (bench/constrained.py, SmolLM2's 49k vocabulary): 0.12 ms per token against
-93 ms for lm-format-enforcer (which also needs a patch to import under transformers 5), and it is
-what vLLM's structured outputs use, so both engines enforce the same grammar.
+chosen by measurement (bench/grammar_engines.py, SmolLM2's 49k vocabulary): 0.2 ms per token against
+95 ms for lm-format-enforcer (which also needs a shim to import under transformers 5), and it is
+what vLLM's structured outputs use, so both engines enforce the same grammar (lm/grammar.py).
 
 A grammar alone cannot keep free text (the reasoning) from spending the whole token budget. So the
 decode loop asks `plan()` at every step: once a row's free field has used up all but the tokens the
@@ -33,7 +33,8 @@ class RowConstraint:
                  constraints: "Constraints"):
         self.matcher, self.fmt, self.limit = matcher, fmt, limit
         self.reserve, self.breaks, self.constraints = reserve, breaks, constraints
-        self.field = 0  # index of the field being written (values are one line each: count the newlines)
+        self.field = 0  # index of the field being written
+        self.tail = ""  # the end of what the row wrote, to see the next field's label arrive
         self.forced: list[int] = []
 
     def plan(self, written: int, allowed: torch.Tensor) -> None:
@@ -58,8 +59,11 @@ class RowConstraint:
     def accept(self, token: int) -> None:
         if not self.matcher.accept_token(token):
             raise EngineError(f"constrained decoding: token {token} rejected by the reply format (a tandem bug)")
-        if token < len(self.constraints.newlines):
-            self.field += self.constraints.newlines[token]
+        if token < len(self.constraints.pieces):
+            self.tail = (self.tail + self.constraints.pieces[token])[-64:]
+        # The format lets "\n<Label>:" appear only where that field begins (lm/grammar.py).
+        if self.field + 1 < len(self.fmt.fields) and self.tail.endswith(f"\n{self.fmt.fields[self.field + 1].label}:"):
+            self.field += 1
 
 
 class Constraints:
@@ -78,8 +82,7 @@ class Constraints:
         self.compiler = xgrammar.GrammarCompiler(info)
         self._compiled: dict[ReplyFormat, tuple] = {}
         self._tokenized: dict[str, tuple[int, ...]] = {}
-        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        self.newlines = [p.count("\n") for p in pieces]
+        self.pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])  # each token's text
 
     def tokens(self, text: str) -> tuple[int, ...]:
         """`text` in the tokenizer's usual tokens, exactly (no added prefix space); () if it has none."""
