@@ -116,13 +116,13 @@ class PromptSettings(Settings):
 class ExtendedWeightSettings(Settings):
     """Θ+ (`w+` in a strategy): the weight step with more to learn from than the paper's passing runs."""
 
-    samples: int = setting(4, "sampled runs per training example; every distinct passing one is kept (rejection "
-                              "sampling)", ge=0)
-    sample_temperature: float = setting(0.7, "temperature of those sampled runs", gt=0)
-    rationalize: bool = setting(True, "examples with no passing run get one run with the gold answer as a hint; "
-                                      "kept, without the hint, if it passes (STaR)")
-    balance: bool = setting(True, "where the answer is a choice field, no class keeps more than its share of the "
-                                  "runs (total / number of choices)")
+    samples: int = setting(4, "w+ steps: sampled runs per training example; every distinct passing one is "
+                              "kept (rejection sampling)", ge=0)
+    sample_temperature: float = setting(0.7, "w+ steps: temperature of those sampled runs", gt=0)
+    rationalize: bool = setting(True, "w+ steps: an example with no passing run gets one run with the gold answer "
+                                      "as a hint; kept, without the hint, if it passes (STaR)")
+    balance: bool = setting(True, "w+ steps: where the answer is a choice field, no class keeps more than its "
+                                  "share of the runs (total / number of choices)")
 
 
 @dataclass(frozen=True)
