@@ -153,7 +153,8 @@ def _lm(args, engine: EngineSettings):
     from .lm import load_lm
 
     cache = str(cache_root() / "calls.sqlite") if engine.cache else None
-    return load_lm(args.model, cache=cache, dtype=engine.dtype, device=engine.device, max_batch=engine.max_batch)
+    options = {k: v for k, v in to_dict(engine).items() if k != "cache"}
+    return load_lm(args.model, cache=cache, **options)
 
 
 def _decoding(generation: GenerationSettings) -> str:

@@ -72,15 +72,29 @@ class GenerationSettings(Settings):
         return {"temperature": self.temperature, "max_new_tokens": self.max_new_tokens, "constrained": self.constrained}
 
 
+ENGINES = ("auto", "transformers", "vllm", "openai")
+
+
 @dataclass(frozen=True)
 class EngineSettings(Settings):
-    """The local transformers engine."""
+    """Which engine runs the model, and its options."""
 
+    engine: str = setting("auto", "transformers: tandem's own engine; vllm: vLLM in process; openai: a server at "
+                                  "--base-url; auto: vllm where a CUDA GPU and vLLM are present, else transformers",
+                          choices=ENGINES)
+    base_url: str | None = setting(None, "openai engine: the server's URL, e.g. http://127.0.0.1:8000/v1")
     dtype: str = setting("auto", "weights dtype; auto times bf16 against fp32 on this machine and takes the faster",
                          choices=("auto", "bfloat16", "float32", "float16"))
     device: str = setting("cpu", "torch device for inference and training: cpu, cuda, cuda:1, ...")
     max_batch: int = setting(32, "most requests in one batched generation", ge=1)
     cache: bool = setting(True, "read and write the on-disk LM call cache")
+    max_model_len: int = setting(4096, "vllm engine: longest prompt plus reply, in tokens", ge=128)
+    kv_cache_fraction: float | None = setting(None, "vllm engine: share of GPU memory (of RAM on its CPU build) it "
+                                                    "takes; default 0.85 on a GPU, 0.25 on a CPU", gt=0, lt=1)
+    tensor_parallel_size: int = setting(1, "vllm engine: GPUs each model is split across", ge=1)
+    eager: bool = setting(True, "vllm engine: no torch.compile or CUDA graphs (starts in seconds; turn off for long "
+                                "GPU runs)")
+    concurrency: int = setting(32, "openai engine: requests in flight at once", ge=1)
 
 
 @dataclass(frozen=True)
@@ -265,6 +279,12 @@ def get_path(settings: Any, path: tuple[str, ...]) -> Any:
 # -- the command line ---------------------------------------------------------------------------
 
 
+def _plain(kind: Any) -> Any:
+    """`str | None` -> str: the type a flag's value is read as."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if args and type(None) in typing.get_args(kind) else kind
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
     """One flag per field of `cls` (nested included), help and default from the field.
 
@@ -276,7 +296,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
     for path, f, kind in leaves(cls):
         if not f.metadata.get("cli", True):
             continue
-        name = names[path]
+        name, kind = names[path], _plain(kind)
         default = get_path(defaults, path)
         text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:

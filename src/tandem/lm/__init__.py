@@ -6,12 +6,45 @@ from .models import ModelNotFoundError, resolve_model
 from .scripted import ScriptedLM
 
 
-def load_lm(model: str, *, cache: str | None = None, **engine_options) -> LM:
-    """The local transformers engine for `model`, behind the on-disk cache unless `cache` is None."""
-    from .local import LocalLM
+def load_lm(model: str, *, cache: str | None = None, **options) -> LM:
+    """`model` on the engine `options` name (fields of `EngineSettings`: engine, dtype, base_url, ...),
+    behind the on-disk cache unless `cache` is None. `load_lm("smollm2-135m")` is tandem's own engine."""
+    from ..settings import EngineSettings
 
-    engine = LocalLM(model, **engine_options)
+    settings = EngineSettings(**{"engine": "transformers", **options})
+    kind = choose_engine(settings.engine)
+    if kind == "vllm":
+        from .vllm import VLLMEngine
+
+        engine = VLLMEngine(model, dtype=settings.dtype, device=settings.device, max_batch=settings.max_batch,
+                            max_model_len=settings.max_model_len, kv_cache_fraction=settings.kv_cache_fraction,
+                            tensor_parallel_size=settings.tensor_parallel_size, eager=settings.eager)
+    elif kind == "openai":
+        from ..errors import UsageError
+        from .openai_server import OpenAIEngine
+
+        if not settings.base_url:
+            raise UsageError("--engine openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
+        engine = OpenAIEngine(model, settings.base_url, concurrency=settings.concurrency, device=settings.device)
+    else:
+        from .local import LocalLM
+
+        engine = LocalLM(model, dtype=settings.dtype, device=settings.device, max_batch=settings.max_batch)
     return CachedLM(engine, cache) if cache else engine
 
 
-__all__ = ["LM", "Completion", "Request", "Usage", "CachedLM", "ScriptedLM", "ModelNotFoundError", "resolve_model", "load_lm"]
+def choose_engine(name: str) -> str:
+    """`auto`: vLLM where a CUDA GPU and vLLM are both present (it is the engine there), else tandem's
+    own. On a CPU, tandem's engine is the default: vLLM's CPU build runs about 2x faster once up, but
+    starts in 30-80 s and takes 6-7 GB, which short jobs like the main one do not win back."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "transformers"
+
+
+__all__ = ["LM", "Completion", "Request", "Usage", "CachedLM", "ScriptedLM", "ModelNotFoundError", "resolve_model", "load_lm",
+           "choose_engine"]

@@ -44,10 +44,11 @@ class ReplyFormat:
     fields: tuple[FieldFormat, ...]
     line_labels: tuple[str, ...] = ()
 
-    def grammar(self) -> str:
+    def grammar(self, phase: int | None = None) -> str:
+        """The grammar of the whole reply, or of one phase of it (`lm.grammar.reply_grammar`)."""
         from .grammar import reply_grammar
 
-        return reply_grammar(self)
+        return reply_grammar(self, phase)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,52 @@ from .base import VALUE_TOKENS, ReplyFormat
 LATER_TEXT_TOKENS = 24  # room kept for a free-text field that comes after another one (a short answer)
 
 
+class Budget:
+    """What a reply format costs in one tokenizer's tokens: the tokens of each field break
+    ("\\n<Label>:"), and for each field the tokens the fields after it need at most (`reserve`).
+    Every engine that bounds free text uses it: the local engine forces a break mid-decode, vLLM
+    stops a free field early and continues after the break."""
+
+    def __init__(self, tokenizer, jump_forward: bool = True):
+        """`jump_forward`: the engine writes text the format fixes in its usual tokens (the local
+        engine); without it a model may spell a choice one letter a token, and it is priced so."""
+        self.tokenizer = tokenizer
+        self.jump_forward = jump_forward
+        self._tokenized: dict[str, tuple[int, ...]] = {}
+        self._plans: dict[ReplyFormat, tuple[list[int], list[tuple[int, ...]]]] = {}
+
+    def tokens(self, text: str) -> tuple[int, ...]:
+        """`text` in the tokenizer's usual tokens, exactly (no added prefix space); () if it has none."""
+        if text not in self._tokenized:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if self.tokenizer.decode(ids) != text:  # SentencePiece adds a leading space: cut a known prefix off
+                anchor = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+                ids = self.tokenizer("\n" + text, add_special_tokens=False)["input_ids"][len(anchor):]
+            self._tokenized[text] = tuple(ids) if self.tokenizer.decode(ids) == text else ()
+        return self._tokenized[text]
+
+    def plan(self, fmt: ReplyFormat) -> tuple[list[int], list[tuple[int, ...]]]:
+        """(reserve, breaks): reserve[i] tokens are needed after field i; breaks[i] starts field i + 1."""
+        if fmt not in self._plans:
+            breaks = [self.tokens(f"\n{f.label}:") for f in fmt.fields[1:]] + [()]
+            costs = [len(breaks[i - 1]) + self._value_cost(f) if i else 0 for i, f in enumerate(fmt.fields)]
+            self._plans[fmt] = ([sum(costs[i + 1:]) for i in range(len(fmt.fields))], breaks)
+        return self._plans[fmt]
+
+    def _value_cost(self, f) -> int:
+        if f.type == "choice":  # a space, then at worst one letter a token until one choice is left
+            variants = [v for c in f.choices for v in dict.fromkeys((c, c[:1].upper() + c[1:]))]
+            if not self.jump_forward:
+                return 1 + max(len(v) for v in variants)
+
+            def unique_after(v: str) -> int:
+                return next((k for k in range(1, len(v) + 1)
+                             if not any(o != v and o.startswith(v[:k]) for o in variants)), len(v))
+
+            return 1 + max(k + len(self.tokens(v[k:]) or v[k:]) for v in variants for k in range(1, unique_after(v) + 1))
+        return VALUE_TOKENS.get(f.type, LATER_TEXT_TOKENS)
+
+
 class RowConstraint:
     """One reply being decoded under a format: its matcher, the field it is in, tokens to force."""
 
@@ -81,39 +127,16 @@ class Constraints:
                                                        stop_token_ids=list(dict.fromkeys(stop_token_ids)))
         self.compiler = xgrammar.GrammarCompiler(info)
         self._compiled: dict[ReplyFormat, tuple] = {}
-        self._tokenized: dict[str, tuple[int, ...]] = {}
+        self.budget = Budget(tokenizer)
         self.pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])  # each token's text
 
     def tokens(self, text: str) -> tuple[int, ...]:
-        """`text` in the tokenizer's usual tokens, exactly (no added prefix space); () if it has none."""
-        if text not in self._tokenized:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if self.tokenizer.decode(ids) != text:  # SentencePiece adds a leading space: cut a known prefix off
-                anchor = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
-                ids = self.tokenizer("\n" + text, add_special_tokens=False)["input_ids"][len(anchor):]
-            self._tokenized[text] = tuple(ids) if self.tokenizer.decode(ids) == text else ()
-        return self._tokenized[text]
+        return self.budget.tokens(text)
 
     def _prepare(self, fmt: ReplyFormat) -> tuple:
         if fmt not in self._compiled:
-            compiled = self.compiler.compile_grammar(fmt.grammar())
-            breaks = [self.tokens(f"\n{f.label}:") for f in fmt.fields[1:]] + [()]
-
-            def value_cost(f) -> int:
-                if f.type == "choice":  # a space, then at worst one letter a token until one choice is left
-                    variants = [v for c in f.choices for v in dict.fromkeys((c, c[:1].upper() + c[1:]))]
-
-                    def unique_after(v: str) -> int:
-                        return next((k for k in range(1, len(v) + 1)
-                                     if not any(o != v and o.startswith(v[:k]) for o in variants)), len(v))
-
-                    return 1 + max(k + len(self.tokens(v[k:]) or v[k:]) for v in variants
-                                   for k in range(1, unique_after(v) + 1))
-                return VALUE_TOKENS.get(f.type, LATER_TEXT_TOKENS)
-
-            costs = [len(breaks[i - 1]) + value_cost(f) if i else 0 for i, f in enumerate(fmt.fields)]
-            reserve = [sum(costs[i + 1:]) for i in range(len(fmt.fields))]
-            self._compiled[fmt] = (compiled, reserve, breaks)
+            reserve, breaks = self.budget.plan(fmt)
+            self._compiled[fmt] = (self.compiler.compile_grammar(fmt.grammar()), reserve, breaks)
         return self._compiled[fmt]
 
     def row(self, fmt: ReplyFormat, limit: int) -> RowConstraint:

@@ -81,11 +81,18 @@ def value_rule(f: "FieldFormat") -> str:
     return "rest" if f.optional else "[^\\n \\t] rest"
 
 
-def reply_grammar(fmt: "ReplyFormat") -> str:
+def reply_grammar(fmt: "ReplyFormat", phase: int | None = None) -> str:
+    """The whole reply; or, for `phase` i, only what one generation phase writes: field i's value
+    (its label too when i is 0) and then the next field's label (engines that continue a reply
+    field by field; see lm/vllm.py)."""
     parts, rules = [], []
-    for i, f in enumerate(fmt.fields):
-        parts.append(("" if i == 0 else '"\\n" ') + f'{literal(f.label + ":")} " "? v{i}')
+    fields = list(enumerate(fmt.fields)) if phase is None else [(phase, fmt.fields[phase])]
+    for i, f in fields:
+        label = literal(f.label + ":") + " " if i == 0 or phase is None else ""
+        parts.append(('"\\n" ' if i and phase is None else "") + f'{label}" "? v{i}')
         rules.append(f"v{i} ::= {value_rule(f)}")
-    if any(f.type == "text" for f in fmt.fields):
+    if phase is not None and phase + 1 < len(fmt.fields):
+        parts.append(f'"\\n" {literal(fmt.fields[phase + 1].label + ":")}')
+    if any(f.type == "text" for _, f in fields):
         rules += free_text_rules(fmt.line_labels or tuple(f.label for f in fmt.fields))
     return "\n".join([f"root ::= {' '.join(parts)}", *rules])

