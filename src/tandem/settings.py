@@ -146,6 +146,9 @@ class WeightSettings(Settings):
     lora: LoraSettings = setting(LoraSettings(), "LoRA hyperparameters")
     extended: ExtendedWeightSettings = setting(ExtendedWeightSettings(), "what a `w+` step adds")
     with_demos: bool = setting(False, "train and run with the program's demos (the paper: without)")
+    launcher: str | None = setting(None, "train in processes of their own, one per GPU, under this launcher: "
+                                         "'torchrun --nproc-per-node 4' or 'accelerate launch --num_processes 4' "
+                                         "(data parallel); default: in this process")
     metric_threshold: float = setting(1.0, "a run gives training calls when its metric is at least this")
 
 

@@ -141,6 +141,7 @@ class LocalLM:
 
         self.dtype = pick_dtype(dtype, device)
         path = resolve_model(model)
+        self.path = path  # the weights' folder: a weight step under a launcher trains from it
         self.name = model if not Path(path).is_dir() else str(Path(path).resolve())
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -165,5 +165,12 @@ class OpenAIEngine:
                                            settings, progress=progress)
         return report
 
+    @property
+    def path(self) -> str:
+        """The weights' folder, for training under a launcher (the server's model, found locally)."""
+        from .models import resolve_model
+
+        return resolve_model(self.name)
+
     def _render(self, messages: Sequence[Message]) -> str:
         return self._tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

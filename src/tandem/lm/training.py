@@ -93,11 +93,17 @@ def train_lora(
     settings: LoraSettings,
     adapter_name: str = "tandem_new",
     progress: bool = True,
+    accelerator=None,
 ):
     """Train a new LoRA adapter on `model` (a PeftModel or a plain model) and save it to `out_dir`.
 
     Returns (report, peft_model). A plain model comes back wrapped as a PeftModel; either way the
     new adapter is saved and removed from memory, ready to be loaded by path like any other.
+
+    `accelerator` (an `accelerate.Accelerator` in a process started by torchrun or `accelerate
+    launch`, see lm/train_launch.py): the model is wrapped for data parallelism (DDP), each process
+    takes its share of every epoch's micro-batches, gradients are averaged across processes, and
+    the main process saves the adapter.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -142,15 +148,20 @@ def train_lora(
 
     # A handful of examples (a weak model passes few runs) still gets several optimizer steps per
     # epoch: the effective batch shrinks to half the data when the data is smaller than two batches.
-    batch = max(settings.micro_batch_size, min(settings.batch_size, len(rows) // 2))
-    accumulate = max(1, batch // settings.micro_batch_size)
-    per_epoch = math.ceil(len(rows) / settings.micro_batch_size)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    batch = max(settings.micro_batch_size * world, min(settings.batch_size, len(rows) // 2))
+    accumulate = max(1, batch // (settings.micro_batch_size * world))  # micro-batches per process and step
+    per_epoch = math.ceil(math.ceil(len(rows) / settings.micro_batch_size) / world)
     total_micro = per_epoch * settings.epochs
     planned = math.ceil(total_micro / accumulate)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, planned, settings.warmup_ratio, settings.min_lr_ratio)
     )
+    forward = peft_model
+    if accelerator is not None:
+        forward, optimizer = accelerator.prepare(peft_model, optimizer)
     device = next(peft_model.parameters()).device
     base_dtype = next(p for p in peft_model.parameters() if not p.requires_grad).dtype
     half = base_dtype in (torch.bfloat16, torch.float16)
@@ -162,19 +173,25 @@ def train_lora(
     tokens = target_tokens = steps = 0
     started = time.perf_counter()
     peft_model.train()
-    bar = tqdm(total=total_micro, desc="lora", unit="batch", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_micro, desc="lora", unit="batch", disable=not progress or rank > 0, dynamic_ncols=True)
     try:
         micro = 0
         for _ in range(settings.epochs):
-            for group in _micro_batches(rows, settings.micro_batch_size, rng):
+            groups = _micro_batches(rows, settings.micro_batch_size, rng)  # the same order in every process
+            mine = groups[rank::world]
+            mine += groups[: per_epoch - len(mine)]  # every process takes as many steps (DDP waits on each)
+            for group in mine:
                 width = max(len(rows[i][0]) for i in group)
                 ids = torch.tensor([rows[i][0] + [pad] * (width - len(rows[i][0])) for i in group], device=device)
                 labels = torch.tensor([rows[i][1] + [-100] * (width - len(rows[i][1])) for i in group], device=device)
                 mask = torch.tensor([[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in group],
                                     device=device)
                 with autocast:
-                    loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                (loss / accumulate).backward()
+                    loss = forward(input_ids=ids, attention_mask=mask, labels=labels).loss
+                if accelerator is not None:
+                    accelerator.backward(loss / accumulate)
+                else:
+                    (loss / accumulate).backward()
                 micro += 1
                 tokens += int(mask.sum())
                 target_tokens += int((labels != -100).sum())
@@ -192,6 +209,10 @@ def train_lora(
         bar.close()
         peft_model.eval()
     seconds = time.perf_counter() - started
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None, peft_model
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -201,7 +222,7 @@ def train_lora(
     shutil.rmtree(out_dir, ignore_errors=True)
     saved.rename(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    window = max(1, len(rows) // settings.micro_batch_size)
+    window = max(1, len(rows) // settings.micro_batch_size // world)  # one epoch of this process's losses
     report = TrainReport(
         examples=len(rows), tokens=tokens, target_tokens=target_tokens, steps=steps, seconds=seconds,
         first_loss=sum(losses[:window]) / len(losses[:window]), last_loss=sum(losses[-window:]) / len(losses[-window:]),

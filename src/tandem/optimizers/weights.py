@@ -174,6 +174,22 @@ def gather_runs(program: Program, lm: LM, train: Sequence[Example], metric: Metr
     return kept, failures, notes, dropped
 
 
+def _launch(launcher: str, lm: LM, out_dir: Path, lora) -> TrainReport:
+    """Training in processes of their own (lm/train_launch.py) from the engine's model folder;
+    an engine that loads adapters by path (all of tandem's) serves the result like any other."""
+    from ..errors import UsageError
+    from ..lm.train_launch import launch
+
+    path = getattr(lm, "path", None)
+    if path is None:
+        raise UsageError(f"--launcher trains from the model's own folder, and LM '{lm.name}' names none")
+    can_load = getattr(lm, "can_load_adapters", None)
+    if can_load is not None and not can_load():
+        raise UsageError("the server cannot load adapters at runtime, so nothing would serve this step's adapter")
+    dtype = str(getattr(lm, "dtype", "float32")).removeprefix("torch.")
+    return launch(launcher, path, dtype, out_dir / "train.jsonl", out_dir / "adapter", lora)
+
+
 def bootstrap_finetune(
     program: Program,
     lm: LM,
@@ -210,7 +226,10 @@ def bootstrap_finetune(
     if finetune is None:
         raise TypeError(f"LM '{lm.name}' cannot fine-tune: weight steps need the local engine")
     lora = replace(settings.lora, seed=seed)
-    report = finetune([row["messages"] for row in rows], out_dir / "adapter", lora, progress=progress)
+    if settings.launcher:
+        report = _launch(settings.launcher, lm, out_dir, lora)
+    else:
+        report = finetune([row["messages"] for row in rows], out_dir / "adapter", lora, progress=progress)
 
     new = program.clone()
     new.adapter = str((out_dir / "adapter").resolve())
