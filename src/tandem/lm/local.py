@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
-from .base import Completion, Message, Request, Usage, check_results
+from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results
 from .batching import Cancelled, DynamicBatcher
 from .models import ModelNotFoundError, resolve_model
 
@@ -116,12 +116,6 @@ def _generator(request: Request, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _plain_template(messages: Sequence[Message]) -> str:
-    """For models without a chat template (base models): a readable transcript."""
-    body = "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in messages)
-    return body + "ASSISTANT:\n"
-
-
 class LocalLM:
     """A Hugging Face causal LM on this machine, served to many threads through dynamic batching."""
 
@@ -187,9 +181,7 @@ class LocalLM:
     # -- prompts -----------------------------------------------------------------------------
 
     def prompt_text(self, messages: Sequence[Message]) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return _plain_template(messages)
+        return chat_prompt(self.tokenizer, messages)
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
         return self.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"]
@@ -197,12 +189,9 @@ class LocalLM:
     # -- adapters ----------------------------------------------------------------------------
 
     def _adapter_name(self, path: str) -> str:
-        folder = Path(path)
-        if not (folder / "adapter_config.json").exists():
-            raise FileNotFoundError(f"not a PEFT adapter folder (no adapter_config.json): {folder}")
-        stamp = max(f.stat().st_mtime for f in folder.iterdir())
-        key = (str(folder.resolve()), stamp)
-        if key not in self._adapters:
+        key = adapter_key(path)
+        folder = key[0]
+        if key not in self._adapters:  # a rewritten folder is another adapter
             from peft import PeftModel
 
             name = "a" + hashlib.sha256(repr(key).encode()).hexdigest()[:12]

@@ -24,11 +24,10 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
-from .base import Completion, Message, Request, Usage
+from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +124,13 @@ class OpenAIEngine:
         """The model name to ask for: the base model, or the adapter loaded into the server for `path`."""
         if path is None:
             return self.name
-        folder = Path(path).resolve()
-        if not (folder / "adapter_config.json").exists():
-            raise FileNotFoundError(f"not a PEFT adapter folder (no adapter_config.json): {folder}")
-        key = (str(folder), max(f.stat().st_mtime for f in folder.iterdir()))
+        key = adapter_key(path)
+        folder = key[0]
         with self._lock:
             if key not in self._adapters:
                 name = "tandem-" + hashlib.sha256(repr(key).encode()).hexdigest()[:12]
                 started = time.perf_counter()
-                response = self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
+                response = self._post("load_lora_adapter", {"lora_name": name, "lora_path": folder})
                 if response.status_code == 404:
                     raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
                 if response.status_code >= 400 and "already been loaded" not in response.text:
@@ -173,4 +170,4 @@ class OpenAIEngine:
         return resolve_model(self.name)
 
     def _render(self, messages: Sequence[Message]) -> str:
-        return self._tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return chat_prompt(self._tokenizer, messages)

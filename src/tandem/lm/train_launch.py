@@ -55,22 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .local import DTYPES, _plain_template
+    from .base import chat_prompt
+    from .local import DTYPES
     from .training import train_lora
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # on CPUs: gloo across processes
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(accelerator.device)
 
-    def render(messages):
-        if tokenizer.chat_template:
-            return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return _plain_template(messages)
-
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     settings = from_dict(LoraSettings, json.loads(args.settings))
     torch.manual_seed(settings.seed)
-    report, _ = train_lora(model, tokenizer, render, [r["messages"] for r in rows], args.out, settings,
+    report, _ = train_lora(model, tokenizer, lambda m: chat_prompt(tokenizer, m), [r["messages"] for r in rows], args.out, settings,
                            progress=accelerator.is_main_process, accelerator=accelerator)
     if accelerator.is_main_process:
         path = Path(args.out) / "training.json"

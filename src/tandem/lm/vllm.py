@@ -31,12 +31,12 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
-from .base import Completion, Message, ReplyFormat, Request, Usage, check_results
+from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results
 from .batching import DynamicBatcher
 from .constrained import Budget
 from .local import pick_dtype
@@ -155,7 +155,7 @@ class VLLMEngine:
             core.shutdown()
 
     def prompt_text(self, messages: Sequence[Message]) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, messages)
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
         return self.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"]
@@ -168,10 +168,8 @@ class VLLMEngine:
             return None
         from vllm.lora.request import LoRARequest
 
-        folder = Path(path)
-        if not (folder / "adapter_config.json").exists():
-            raise FileNotFoundError(f"not a PEFT adapter folder (no adapter_config.json): {folder}")
-        key = (str(folder.resolve()), max(f.stat().st_mtime for f in folder.iterdir()))
+        key = adapter_key(path)
+        folder = key[0]
         if key not in self._loras:
             name = "a" + hashlib.sha256(repr(key).encode()).hexdigest()[:12]
             self._loras[key] = LoRARequest(name, len(self._loras) + 1, key[0])
