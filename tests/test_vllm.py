@@ -129,6 +129,19 @@ def test_openai_engine_replies_like_the_local_engine(server, local, tiny_vllm_mo
     assert engine.describe()["engine"] == "openai"
 
 
+def test_constrained_replies_on_the_server_stay_within_the_limit(server, tiny_vllm_model_dir):
+    """A field at a time, continuing the assistant's message: every reply reaches its species."""
+    from tandem.lm.openai_server import OpenAIEngine
+
+    engine = OpenAIEngine(tiny_vllm_model_dir, server)
+    module = ChainOfThought("petal_length, petal_width -> species: setosa|versicolor|virginica")
+    requests = [Request(tuple(module.messages({"petal_length": 1.0 + i, "petal_width": 0.5})), max_new_tokens=30,
+                        temperature=1.0, seed=i, format=reply_format(module.signature)) for i in range(4)]
+    for completion in engine.generate(requests):
+        assert completion.completion_tokens <= 30
+        assert parse_reply(module.signature, completion.text)["species"] in ("setosa", "versicolor", "virginica")
+
+
 def test_a_weight_step_on_the_server_loads_its_adapter_at_runtime(server, local, tiny_vllm_model_dir, tmp_path):
     from tandem import Example, Predict, Program
     from tandem.optimizers import WeightSettings, bootstrap_finetune

@@ -72,6 +72,64 @@ class Budget:
         return VALUE_TOKENS.get(f.type, LATER_TEXT_TOKENS)
 
 
+class PhasedReply:
+    """A constrained reply written a field at a time, for engines that cannot end a free field in the
+    middle of a request (vLLM in process, an OpenAI-compatible server).
+
+    Each phase writes one field's value and the next field's label (`grammar()`), within the tokens
+    the later fields leave it (`max_tokens()`). A free field cut at its share has any half-written
+    label dropped and the break written for it; the next phase continues from `text`.
+    """
+
+    def __init__(self, request, budget: Budget):
+        self.request, self.budget = request, budget
+        self.text = ""  # the reply so far
+        self.used = 0  # tokens spent so far, breaks included
+        self.field = 0  # the field the next phase starts at
+        self.finish = "stop"
+        self.done = False
+
+    def grammar(self) -> str | None:
+        return None if self.request.format is None else self.request.format.grammar(phase=self.field)
+
+    def max_tokens(self) -> int:
+        room = self.request.max_new_tokens - self.used
+        fmt = self.request.format
+        if fmt is not None and self.field < len(fmt.fields) - 1:
+            reserve, breaks = self.budget.plan(fmt)
+            room -= reserve[self.field] - len(breaks[self.field])  # this phase writes the next label itself
+        return max(room, 1)
+
+    def take(self, text: str, tokens: int, finish: str) -> None:
+        """One phase's output: its text (special tokens left out), tokens generated, finish reason."""
+        self.used += tokens
+        self.finish = "length" if finish == "length" else "stop"
+        fmt = self.request.format
+        if fmt is None or self.field >= len(fmt.fields) - 1:
+            self.text += text
+            self.done = True
+            return
+        label = f"\n{fmt.fields[self.field + 1].label}:"
+        if text.endswith(label):
+            self.text += text
+            self.field += 1
+            return
+        breaks = self.budget.plan(fmt)[1]
+        if finish != "length" or fmt.fields[self.field].type != "text" or not breaks[self.field]:
+            self.text += text  # cut inside a typed value: the parser will say what is missing
+            self.done = True
+            return
+        cut = next((k for k in range(len(label) - 1, 0, -1) if text.endswith(label[:k])), 0)
+        self.text += text[: len(text) - cut]
+        if self.used + len(breaks[self.field]) > self.request.max_new_tokens:
+            self.done = True
+            return
+        self.text += label
+        self.used += len(breaks[self.field])
+        self.field += 1
+        self.finish = "stop"
+
+
 class RowConstraint:
     """One reply being decoded under a format: its matcher, the field it is in, tokens to force."""
 

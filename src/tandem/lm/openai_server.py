@@ -11,9 +11,10 @@ server at runtime (vLLM: `POST /v1/load_lora_adapter`, enabled by `VLLM_ALLOW_RU
 and `--enable-lora`), addressing it by name from then on. A server that cannot load adapters is
 found out before training, with one line saying how to start it.
 
-Constrained decoding sends the reply grammar as vLLM's `structured_outputs` request field; other
-servers need `--no-constrained`. A server cannot be made to end a free field mid-request, so the
-free text is not bounded by the token budget here (leave `--max-new-tokens` room).
+Constrained decoding sends the reply grammar as vLLM's `structured_outputs` request field (other
+servers need `--no-constrained`). A server cannot be made to end a free field mid-request, so a
+constrained reply is written a field at a time (`PhasedReply`), each phase continuing the
+assistant's message within its share of the token limit, priced with the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Sequence
 
 from ..errors import EngineError, UsageError
 from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt
+from .constrained import Budget, PhasedReply
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ class OpenAIEngine:
         self._lock = threading.Lock()
         self._trainer = None
         self._tokenizer = None
+        self._budgets: Budget | bool | None = None
+        self._budget_lock = threading.Lock()
 
     def describe(self) -> dict[str, str]:
         return {"engine": "openai", "base_url": self.base_url, "model": self.name, "openai": self.openai.__version__}
@@ -81,26 +85,66 @@ class OpenAIEngine:
         return [f.result() for f in futures]
 
     def _one(self, request: Request) -> Completion:
-        extra = {}
-        if request.format is not None:
-            extra["structured_outputs"] = {"grammar": request.format.grammar()}
-        try:
-            response = self.client.chat.completions.create(
-                model=self._served_name(request.adapter), messages=list(request.messages),
-                max_tokens=request.max_new_tokens, temperature=request.temperature, stop=list(request.stop) or None,
-                seed=self._seed(request) if request.temperature > 0 else None, extra_body=extra or None,
-            )
-        except self.openai.APIError as exc:
-            raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
-        choice = response.choices[0]
-        usage = response.usage
-        completion = Completion((choice.message.content or "").strip(),
-                                prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                                completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                                finish_reason="length" if choice.finish_reason == "length" else "stop")
+        """One request; a constrained one a field at a time (PhasedReply), continuing the assistant's
+        message (vLLM's `continue_final_message`), so the free text stays within its share."""
+        budget = self._budget() if request.format is not None else None
+        reply = PhasedReply(request, budget) if budget is not None else None
+        prompt_tokens = used = 0
+        text, finish = "", "stop"
+        while True:
+            extra: dict = {}
+            messages = list(request.messages)
+            if reply is not None:
+                extra["structured_outputs"] = {"grammar": reply.grammar()}
+                if reply.text:
+                    messages.append({"role": "assistant", "content": reply.text})
+                    extra.update(continue_final_message=True, add_generation_prompt=False)
+            elif request.format is not None:
+                extra["structured_outputs"] = {"grammar": request.format.grammar()}
+            try:
+                response = self.client.chat.completions.create(
+                    model=self._served_name(request.adapter), messages=messages,
+                    max_tokens=reply.max_tokens() if reply else request.max_new_tokens,
+                    temperature=request.temperature, stop=list(request.stop) or None,
+                    seed=self._seed(request) if request.temperature > 0 else None, extra_body=extra or None,
+                )
+            except self.openai.APIError as exc:
+                raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
+            choice, usage = response.choices[0], response.usage
+            prompt_tokens = prompt_tokens or (getattr(usage, "prompt_tokens", 0) or 0)
+            tokens = getattr(usage, "completion_tokens", 0) or 0
+            if reply is None:
+                text, used, finish = choice.message.content or "", tokens, choice.finish_reason
+                break
+            reply.take(choice.message.content or "", tokens, choice.finish_reason)
+            if reply.done:
+                text, used, finish = reply.text, reply.used, reply.finish
+                break
+        completion = Completion(text.strip(), prompt_tokens=prompt_tokens, completion_tokens=used,
+                                finish_reason="length" if finish == "length" else "stop")
         with self._lock:
             self.usage.add([completion])
         return completion
+
+    def _budget(self) -> Budget | None:
+        """Token costs of reply formats, from the model's own tokenizer where it can be found here;
+        without one, a constrained reply is one request and its free text is not bounded."""
+        with self._budget_lock:  # the pool's threads ask at once; transformers' lazy imports are not thread-safe
+            return self._make_budget()
+
+    def _make_budget(self) -> Budget | None:
+        if self._budgets is None:
+            try:
+                from transformers import AutoTokenizer
+
+                from .models import resolve_model
+
+                self._budgets = Budget(AutoTokenizer.from_pretrained(resolve_model(self.name)), jump_forward=False)
+            except Exception as exc:  # no local tokenizer: the one-request fallback, said once
+                log.warning("no tokenizer for %s here (%s): constrained replies are not bounded by the token "
+                            "limit on this server", self.name, exc)
+                self._budgets = False
+        return self._budgets or None
 
     @staticmethod
     def _seed(request: Request) -> int:

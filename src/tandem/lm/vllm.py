@@ -31,14 +31,13 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
 from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results
 from .batching import DynamicBatcher
-from .constrained import Budget
+from .constrained import Budget, PhasedReply
 from .local import pick_dtype
 from .models import resolve_model
 
@@ -71,18 +70,6 @@ def cpu_environment() -> dict[str, str]:
     if preload:
         env["LD_PRELOAD"] = ":".join(p for p in [os.environ.get("LD_PRELOAD", "")] + preload if p)
     return env
-
-
-@dataclass
-class _Reply:
-    """One request across its phases."""
-
-    request: Request
-    prompt: list[int]
-    out: list[int] = field(default_factory=list)
-    field: int = 0  # the field the next phase starts at
-    finish: str = "stop"
-    done: bool = False
 
 
 class VLLMEngine:
@@ -130,7 +117,6 @@ class VLLMEngine:
         self.fingerprint = f"{self.name}|{dtype_name}|vllm"
         self.usage = Usage()
         self.budget = Budget(self.tokenizer, jump_forward=False)
-        self.eos_ids = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
         self._loras: dict[tuple[str, float], object] = {}
         self._trainer = None  # a Hugging Face copy of the model, made at the first weight step
         self._batcher = DynamicBatcher(self._run_batch, max_batch=max_batch, max_wait=max_wait)
@@ -203,79 +189,46 @@ class VLLMEngine:
         self.usage.batches += 1
         return check_results(requests, results, "vLLM engine")
 
-    def _sampling(self, reply: _Reply):
+    def _sampling(self, reply: PhasedReply):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         r = reply.request
-        room = r.max_new_tokens - len(reply.out)
-        grammar = None
-        if r.format is not None:
-            grammar = r.format.grammar(phase=reply.field)
-            if reply.field < len(r.format.fields) - 1:  # leave the later fields what they need
-                reserve, breaks = self.budget.plan(r.format)
-                room -= reserve[reply.field] - len(breaks[reply.field])
+        grammar = reply.grammar()
         seed = None
-        if r.temperature > 0:
+        if r.temperature > 0:  # from the request alone, so a reply does not depend on its batch
             digest = hashlib.sha256(repr((r.seed, r.messages, reply.field)).encode()).digest()
             seed = int.from_bytes(digest[:4], "little")
         return SamplingParams(
-            temperature=r.temperature, max_tokens=max(room, 1), stop=list(r.stop) or None, seed=seed,
+            temperature=r.temperature, max_tokens=reply.max_tokens(), stop=list(r.stop) or None, seed=seed,
             structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None,
         )
 
     def _complete(self, requests: list[Request], lora) -> list[Completion]:
         started = time.perf_counter()
-        replies = [_Reply(r, self.encode(r.messages)) for r in requests]
-        pending = replies
+        prompts = [self.encode(r.messages) for r in requests]
+        replies = [PhasedReply(r, self.budget) for r in requests]
+        pending = list(range(len(replies)))
         while pending:
-            outs = self.llm.generate([{"prompt_token_ids": p.prompt + p.out} for p in pending],
-                                     [self._sampling(p) for p in pending], lora_request=[lora] * len(pending) if lora else None,
-                                     use_tqdm=False)
+            inputs = [{"prompt_token_ids": prompts[i] + (self.tokenizer(replies[i].text, add_special_tokens=False)
+                                                          ["input_ids"] if replies[i].text else [])} for i in pending]
+            outs = self.llm.generate(inputs, [self._sampling(replies[i]) for i in pending],
+                                     lora_request=[lora] * len(pending) if lora else None, use_tqdm=False)
             if len(outs) != len(pending):
                 raise EngineError(f"vLLM returned {len(outs)} outputs for {len(pending)} prompts")
-            for reply, out in zip(pending, outs):
-                self._advance(reply, out.outputs[0])
-            pending = [p for p in pending if not p.done]
+            for i, out in zip(pending, outs):
+                o = out.outputs[0]
+                replies[i].take(o.text, len(o.token_ids), o.finish_reason)
+            pending = [i for i in pending if not replies[i].done]
         completions = []
-        for reply in replies:
-            text = self.tokenizer.decode(reply.out, skip_special_tokens=True)
+        for prompt, reply in zip(prompts, replies):
+            text = reply.text
             for s in reply.request.stop:
                 if s in text:
                     text = text[: text.index(s)]
-            completions.append(Completion(text.strip(), prompt_tokens=len(reply.prompt),
-                                          completion_tokens=len(reply.out), finish_reason=reply.finish))
+            completions.append(Completion(text.strip(), prompt_tokens=len(prompt), completion_tokens=reply.used,
+                                          finish_reason=reply.finish))
         self.usage.add(completions)
         self.usage.extra["generate_seconds"] = self.usage.extra.get("generate_seconds", 0.0) + (
             time.perf_counter() - started)
         return completions
-
-    def _advance(self, reply: _Reply, output) -> None:
-        """Take one phase's output; decide whether the reply goes on with its next field."""
-        phase = [t for t in output.token_ids if t not in self.eos_ids]
-        reply.finish = "length" if output.finish_reason == "length" else "stop"
-        fmt = reply.request.format
-        if fmt is None or reply.field >= len(fmt.fields) - 1:
-            reply.out += phase
-            reply.done = True
-            return
-        label = f"\n{fmt.fields[reply.field + 1].label}:"
-        if self.tokenizer.decode(phase, skip_special_tokens=True).endswith(label):  # the phase wrote its value and the next label
-            reply.out += phase
-            reply.field += 1
-            return
-        breaks = self.budget.plan(fmt)[1]
-        if output.finish_reason != "length" or fmt.fields[reply.field].type != "text" or not breaks[reply.field]:
-            reply.out += phase
-            reply.done = True  # cut inside a typed value: the parser will say what is missing
-            return
-        # A free field used its share: drop a half-written label, then write the break for it.
-        while phase and any(self.tokenizer.decode(phase).endswith(label[:k]) for k in range(1, len(label))):
-            phase.pop()
-        reply.out += phase
-        if len(reply.out) + len(breaks[reply.field]) > reply.request.max_new_tokens:
-            reply.done = True
-            return
-        reply.out += list(breaks[reply.field])
-        reply.field += 1
-        reply.finish = "stop"
