@@ -17,7 +17,7 @@ def test_eval_iris_on_the_embedded_model(cache_dir):
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert out.returncode == 0, out.stderr
-    assert "iris test: score" in out.stdout and "on 6 examples" in out.stdout
+    assert "iris test (constrained): score" in out.stdout and "on 6 examples, 0 failed" in out.stdout
 
 
 @pytest.mark.slow
