@@ -77,6 +77,14 @@ class Request:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def sampling_seed(request: "Request", *more: object, bits: int = 63) -> int:
+    """The seed a sampled request draws with: from its own seed and messages (and `more`, such as a
+    phase), never from what shares its batch, so a reply is the same whatever it is batched with,
+    as the cache (keyed per request) assumes. Every engine seeds through here."""
+    digest = hashlib.sha256(repr((request.seed, request.messages, *more)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << bits) - 1)
+
+
 def chat_prompt(tokenizer, messages: Sequence[Message]) -> str:
     """The prompt text for chat messages: the tokenizer's chat template, or for base models without
     one a readable transcript. Every engine and every training run renders prompts here."""

@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
-from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results
+from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, sampling_seed
 from .batching import Cancelled, DynamicBatcher
 from .models import ModelNotFoundError, resolve_model
 
@@ -112,8 +112,7 @@ def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
 
 def _generator(request: Request, device: str) -> torch.Generator:
     """A random stream for one request, from its seed and content (not from its batch-mates)."""
-    digest = hashlib.sha256(repr((request.seed, request.messages)).encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(sampling_seed(request))
 
 
 class LocalLM:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
-from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt
+from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, sampling_seed
 from .constrained import Budget, PhasedReply
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class OpenAIEngine:
                     model=self._served_name(request.adapter), messages=messages,
                     max_tokens=reply.max_tokens() if reply else request.max_new_tokens,
                     temperature=request.temperature, stop=list(request.stop) or None,
-                    seed=self._seed(request) if request.temperature > 0 else None, extra_body=extra or None,
+                    seed=sampling_seed(request, bits=32) if request.temperature > 0 else None, extra_body=extra or None,
                 )
             except self.openai.APIError as exc:
                 raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
@@ -145,11 +145,6 @@ class OpenAIEngine:
                             "limit on this server", self.name, exc)
                 self._budgets = False
         return self._budgets or None
-
-    @staticmethod
-    def _seed(request: Request) -> int:
-        digest = hashlib.sha256(repr((request.seed, request.messages)).encode()).digest()
-        return int.from_bytes(digest[:4], "little")
 
     # -- adapters ------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
-from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results
+from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, sampling_seed
 from .batching import DynamicBatcher
 from .constrained import Budget, PhasedReply
 from .local import pick_dtype
@@ -195,10 +195,7 @@ class VLLMEngine:
 
         r = reply.request
         grammar = reply.grammar()
-        seed = None
-        if r.temperature > 0:  # from the request alone, so a reply does not depend on its batch
-            digest = hashlib.sha256(repr((r.seed, r.messages, reply.field)).encode()).digest()
-            seed = int.from_bytes(digest[:4], "little")
+        seed = sampling_seed(r, reply.field, bits=32) if r.temperature > 0 else None
         return SamplingParams(
             temperature=r.temperature, max_tokens=reply.max_tokens(), stop=list(r.stop) or None, seed=seed,
             structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None,
