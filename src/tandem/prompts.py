@@ -14,6 +14,7 @@ import re
 from typing import Mapping, Sequence
 
 from .lm.base import FieldFormat, ReplyFormat
+from .lm.grammar import LABEL_SUFFIX, LINE_PREFIX
 from .signatures import Field, InvalidValue, Signature
 
 Message = dict[str, str]
@@ -124,8 +125,11 @@ def stop_strings(signature: Signature) -> tuple[str, ...]:
 
 def _label_pattern(fields: Sequence[Field]) -> re.Pattern[str]:
     labels = "|".join(re.escape(f.label) for f in fields)
-    # Tolerates markdown emphasis and any case: "**Answer:** 42", "answer: 42".
-    return re.compile(rf"^[ \t>#*_]*({labels})[*_]*[ \t]*:[*_]*[ \t]*", re.IGNORECASE | re.MULTILINE)
+    # Tolerates markdown emphasis and any case: "**Answer:** 42", "answer: 42". What is a label line
+    # must be exactly what the reply grammar keeps free text from writing (lm/grammar.py): the same
+    # characters around the label, and ASCII case only (IGNORECASE alone also reads the Kelvin sign as a k).
+    prefix, suffix = (f"[{re.escape(chars)}]*" for chars in (LINE_PREFIX, LABEL_SUFFIX))
+    return re.compile(rf"^{prefix}({labels}){suffix}:[*_]*[ \t]*", re.IGNORECASE | re.MULTILINE | re.ASCII)
 
 
 def parse_reply(signature: Signature, reply: str, optional: Sequence[str] = ("reasoning",)) -> dict[str, str]:

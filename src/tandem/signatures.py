@@ -23,6 +23,15 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 TYPES = ("text", "int", "number", "choice")
 _NUMBER = re.compile(r"[-+]?\$?\s*(\d[\d,]*(?:\.\d+)?|\.\d+)")
+# What does not tell choices apart: case, spaces, sentence punctuation, quotes, brackets, markdown, and a
+# hyphen or slash inside a word ("Iris-versicolor" reads "iris versicolor"). Other symbols do: A+, A-, C#, -1.
+_CHOICE_BREAK = re.compile(r"""[\s.,;:!?"'`()\[\]{}<>*_]+|(?<=[^\W_])[-/](?=[^\W_])""")
+_EMPHASIS = "*_` \t\n"
+
+
+def _choice_words(text: str) -> tuple[str, ...]:
+    """`text` as the words a choice is recognized by: "**Iris-Versicolor.**" -> ("iris", "versicolor")."""
+    return tuple(w for w in _CHOICE_BREAK.split(text.lower()) if w)
 
 
 class InvalidValue(ValueError):
@@ -47,6 +56,14 @@ class Field:
         if self.type == "choice" and (len(set(c.lower() for c in self.choices)) != len(self.choices)
                                       or not all(self.choices) or any("\n" in c for c in self.choices)):
             raise UsageError(f"field {self.name!r}: choices must be distinct, non-empty, one line each: {self.choices}")
+        seen: dict[tuple[str, ...], str] = {}
+        for c in self.choices:
+            words = _choice_words(c)
+            if words in seen:  # a reply naming one could not be told from the other
+                raise UsageError(f"field {self.name!r}: choices {seen[words]!r} and {c!r} differ only in case or "
+                                 "punctuation that replies do not keep; rename one")
+            if words:
+                seen[words] = c
 
     @property
     def label(self) -> str:
@@ -62,10 +79,12 @@ class Field:
     def check(self, value: str) -> str:
         """The canonical value of a parsed reply field, or InvalidValue.
 
-        Choices: case, markdown and punctuation are ignored ("**Setosa.**" -> "setosa"); a value
-        that names exactly one choice gives it ("virginica, because ..." -> "virginica"), one that
-        names none or several is invalid. Numbers: currency signs and thousands commas are ignored; a value that
-        starts with a number gives it, else the last number it holds ("The answer is 1,200." -> "1200").
+        Choices: a value that is a choice, ignoring case, markdown emphasis and a final period, gives it
+        ("**Setosa.**" -> "setosa", "A+" -> "A+"). Else a value that names exactly one choice among its
+        words (`_choice_words`) gives it ("virginica, because ..." -> "virginica"; a choice found inside a
+        longer one found there is part of it), one that names none or several is invalid.
+        Numbers: currency signs and thousands commas are ignored; a value that starts with a number
+        gives it, else the last number it holds ("The answer is 1,200." -> "1200").
         """
         if self.type == "text":
             return value
@@ -86,16 +105,18 @@ class Field:
         return str(int(number)) if number == int(number) else repr(number)
 
     def _choice(self, value: str) -> str:
-        def words(text: str) -> str:  # case, markdown, punctuation and hyphens do not count
-            return " ".join(re.findall(r"\w+", text.lower().replace("_", " ")))
-
-        text = words(value)
-        by_text = {words(c): c for c in self.choices}
-        if text in by_text:
-            return by_text[text]
-        named = [c for t, c in by_text.items() if f" {t} " in f" {text} "]
+        exact = {c.lower(): c for c in self.choices}
+        bare = value.strip(_EMPHASIS)
+        for form in (value.strip(), bare, bare[:-1].strip(_EMPHASIS) if bare.endswith(".") else ""):
+            if form.lower() in exact:
+                return exact[form.lower()]
+        text = _choice_words(value)
+        found = [(i, i + len(words), c) for c in self.choices if (words := _choice_words(c))
+                 for i in range(len(text) - len(words) + 1) if text[i : i + len(words)] == words]
+        named = {c for start, end, c in found
+                 if not any(s <= start and end <= e and e - s > end - start for s, e, _ in found)}
         if len(named) == 1:
-            return named[0]
+            return named.pop()
         raise InvalidValue(f"{self.label} {value[:60]!r} is not one of {'|'.join(self.choices)}")
 
     def spec(self) -> str:

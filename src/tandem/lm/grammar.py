@@ -5,9 +5,10 @@
 
 Typed values are one line. Free text may run over several lines, but no line of it may begin
 the way `prompts.parse_reply` recognizes a field (`Answer:`, `**answer**:`, `> Question:`, any
-case, any label of the signature): a char-level automaton over the labels, written out as rules,
-forbids exactly that. So a constrained reply has each field once, where the format puts it, and
-a free field cannot end early at an input label's stop string.
+case, any label of the signature): a deterministic char-level automaton over the labels, written
+out as rules, forbids exactly that (the parser reads LINE_PREFIX and LABEL_SUFFIX from here). So a
+constrained reply has each field once, where the format puts it, and a free field cannot end early
+at an input label's stop string.
 """
 
 from __future__ import annotations
@@ -33,42 +34,66 @@ def char_class(chars: str, negate: bool = False) -> str:
     return f"[{'^' if negate else ''}{escaped}]"
 
 
-def _cases(c: str) -> str:
-    return "".join(dict.fromkeys(c.lower() + c.upper()))
+def _fold(c: str) -> str:
+    return c.lower() if c.isascii() else c  # parse_reply ignores ASCII case only (re.ASCII)
 
 
 def free_text_rules(labels: tuple[str, ...]) -> list[str]:
     """Rules `rest` (free text from mid-line on) and `ls` (after a newline) that never let a line
-    begin with one of `labels` followed by a colon."""
-    trie: list[dict] = [{"next": {}, "end": False}]
+    begin the way `prompts.parse_reply` reads a field: LINE_PREFIX chars, one of `labels` in any
+    case, LABEL_SUFFIX chars, then ':'.
+
+    The start of a line is read by a deterministic automaton, built by subset construction over the
+    states "in the prefix" (`p`), "at node n of the label trie" (n) and "after a whole label, in
+    its suffix" (`s`): after "Answer " a line may be inside "Answer Type" and also one ':' away from
+    "Answer:", and must remember both. Once no label can follow, the line runs free to its end.
+    """
+    trie: list[dict[str, int]] = [{}]
+    ends: set[int] = set()
     for label in labels:
         node = 0
-        for c in label.lower():
-            if c not in trie[node]["next"]:
-                trie.append({"next": {}, "end": False})
-                trie[node]["next"][c] = len(trie) - 1
-            node = trie[node]["next"][c]
-        trie[node]["end"] = True
+        for c in map(_fold, label):
+            if c not in trie[node]:
+                trie.append({})
+                trie[node][c] = len(trie) - 1
+            node = trie[node][c]
+        ends.add(node)
 
-    def alternatives(node: int, stay: str) -> list[str]:
-        out = ['""', '"\\n" ls']
-        taken = "\n"
-        for c, child in trie[node]["next"].items():
-            out.append(f"{char_class(_cases(c))} t{child}")
-            taken += _cases(c)
-        if stay:
-            out.append(f"{char_class(stay)} {'ls' if node == 0 else f't{node}'}")
-            taken += stay
-        if trie[node]["end"]:
-            out.append(f"{char_class(LABEL_SUFFIX)} after")
-            taken += LABEL_SUFFIX + ":"
-        out.append(f"{char_class(taken, negate=True)} rest")
-        return out
+    def closure(states: set) -> frozenset:
+        if "p" in states:
+            states.add(0)
+        if ends & states:
+            states.add("s")
+        # A leaf of the trie can go nowhere: leaving it out merges "after Answer Type" with "in a suffix",
+        # fewer rules for xgrammar to compile.
+        return frozenset(q for q in states if not isinstance(q, int) or trie[q])
 
-    rules = ['rest ::= [^\\n]* ("\\n" ls)?',
-             f"ls ::= {' | '.join(alternatives(0, LINE_PREFIX))}",
-             f'after ::= "" | {char_class(LABEL_SUFFIX)} after | "\\n" ls | {char_class(LABEL_SUFFIX + ":" + chr(10), True)} rest']
-    rules += [f"t{n} ::= {' | '.join(alternatives(n, ''))}" for n in range(1, len(trie))]
+    def step(states: frozenset, c: str) -> frozenset:
+        nxt = {trie[n][_fold(c)] for n in states if isinstance(n, int) and _fold(c) in trie[n]}
+        nxt |= {q for q in ("p", "s") if q in states and c in (LINE_PREFIX if q == "p" else LABEL_SUFFIX)}
+        return closure(nxt)
+
+    alphabet = "".join(dict.fromkeys(LINE_PREFIX + LABEL_SUFFIX + "".join(
+        c.lower() + c.upper() if c.isascii() else c for node in trie for c in node)))
+    start = closure({"p"})
+    names, rules = {start: "ls"}, ['rest ::= [^\\n]* ("\\n" ls)?']
+    todo = [start]
+    for states in todo:  # grows as new states are found
+        taken = "\n" + (":" if "s" in states else "")  # ':' after a whole label would make it a field
+        by_target: dict[frozenset, str] = {}
+        for c in alphabet:
+            target = step(states, c)
+            if target and c not in taken:
+                by_target[target] = by_target.get(target, "") + c
+        alternatives = ['""', '"\\n" ls']
+        for target, chars in by_target.items():
+            if target not in names:
+                names[target] = f"t{len(names)}"
+                todo.append(target)
+            alternatives.append(f"{char_class(chars)} {names[target]}")
+            taken += chars
+        alternatives.append(f"{char_class(taken, negate=True)} rest")
+        rules.append(f"{names[states]} ::= {' | '.join(alternatives)}")
     return rules
 
 
