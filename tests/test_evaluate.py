@@ -3,7 +3,7 @@ import threading
 import pytest
 
 from tandem import ChainOfThought, Example, GenerationSettings, Program, ScriptedLM, evaluate
-from tandem.evaluate import ErrorBudgetExceeded
+from tandem.evaluate import ErrorBudgetExceeded, MetricError
 from tandem.lm.batching import Cancelled, DynamicBatcher
 
 
@@ -58,15 +58,36 @@ def test_report_metrics_count_failed_runs_as_zero_and_skip_what_they_cannot_judg
     assert clean.mean(lambda e, p: None) is None
 
 
-def test_a_metric_that_raises_fails_only_that_example():
-    def fragile(example, prediction):
+def test_a_metric_that_cannot_read_the_prediction_fails_only_that_example():
+    def numeric(example, prediction):
         if example.question == "q1":
-            raise KeyError("oops")
+            return float(prediction.answer)  # "Q1": what the model wrote is no number
+        if example.question == "q2":
+            return 1 / 0
         return 1.0
 
-    result = evaluate(Echo(), ScriptedLM(reply), data(3, 0), fragile, progress=False)
-    assert result.score == pytest.approx(200 / 3)
-    assert result.results[1].failure == "metric could not score" and "KeyError" in result.results[1].error
+    result = evaluate(Echo(), ScriptedLM(reply), data(4, 0), numeric, progress=False)
+    assert result.score == pytest.approx(50.0)
+    assert [r.failure for r in result.results] == [None, "metric could not score", "metric could not score", None]
+    assert "ValueError" in result.results[1].error and "ZeroDivisionError" in result.results[2].error
+
+
+@pytest.mark.parametrize("bug", [KeyError, TypeError, AttributeError])
+def test_a_bug_in_the_metric_stops_the_evaluation_naming_the_example(bug):
+    def buggy(example, prediction):
+        if example.question == "q1":
+            raise bug("oops")
+        return 1.0
+
+    where = rf"the metric raised {bug.__name__} on example 1 \(question='q1'\)"
+    with pytest.raises(MetricError, match=where) as caught:
+        evaluate(Echo(), ScriptedLM(reply), data(3, 0), buggy, progress=False)
+    assert isinstance(caught.value.__cause__, bug)
+
+
+def test_a_metric_that_returns_no_number_stops_the_evaluation():
+    with pytest.raises(MetricError, match=r"returned None on example 0 .*must return a number"):
+        evaluate(Echo(), ScriptedLM(reply), data(1, 0), lambda e, p: None, progress=False)
 
 
 def test_batcher_gathers_concurrent_calls_into_one_batch():

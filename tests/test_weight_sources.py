@@ -2,9 +2,13 @@
 
 import json
 
-from tandem import ChainOfThought, Example, Program, ScriptedLM
+import pytest
+
+from tandem import ChainOfThought, Example, Predict, Program, ScriptedLM
+from tandem.evaluate import MetricError
 from tandem.experiments import parse_strategies
 from tandem.optimizers import WeightSettings, better_together, bootstrap_finetune, parse_strategy
+from tandem.optimizers.weights import _Kept, balance, hint_of
 from tandem.settings import ExtendedWeightSettings, OptimizeSettings
 
 GOLDS = ["a", "a", "a", "a", "b", "c"]
@@ -31,18 +35,19 @@ def reply(request):
     item 5). Shown a hint: follows it."""
     prompt = request.messages[-1]["content"]
     if "Hint: the correct answer is Label: " in prompt:
-        return f"Reasoning: because of the hint\nLabel: {prompt.split('Label: ')[-1][0]}"
+        return f"Reasoning: worked back from the petals\nLabel: {prompt.split('Label: ')[-1][0]}"
     gold = prompt.split(" is ")[1][0]
     if request.temperature > 0 and request.seed % 2 == 0 and "item 5" not in prompt:
         return f"Reasoning: sampled with seed {request.seed}\nLabel: {gold}"
     return "Reasoning: guess\nLabel: a"
 
 
-def finetune(tmp_path, extended, **options):
-    lm = ScriptedLM(reply, trainable=True)
+def finetune(tmp_path, extended, respond=reply, program=None, examples=None, score=metric, **options):
+    lm = ScriptedLM(respond, trainable=True)
     settings = WeightSettings(extended=ExtendedWeightSettings(**options))
-    result = bootstrap_finetune(Classify(), lm, data(), data(), metric, settings, out_dir=tmp_path, progress=False,
-                                extended=extended)
+    examples = examples or data()
+    result = bootstrap_finetune(program or Classify(), lm, examples, examples, score, settings, out_dir=tmp_path,
+                                progress=False, extended=extended)
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     return lm, result, rows
 
@@ -77,19 +82,98 @@ def test_rationalization_keeps_passing_hinted_calls_without_the_hint(tmp_path):
     assert result.sources == {"runs": 4, "rationalized": 2}
     rationalized = [r for r in rows if r["source"] == "rationalized"]
     assert [r["messages"][-1]["content"] for r in rationalized] == [
-        "Reasoning: because of the hint\nLabel: b", "Reasoning: because of the hint\nLabel: c"]
+        "Reasoning: worked back from the petals\nLabel: b", "Reasoning: worked back from the petals\nLabel: c"]
     assert not any("Hint" in m["content"] for r in rows for m in r["messages"])  # the training prompt has no hint
+    assert result.hint_dropped == 0
+
+
+def test_a_rationalized_reply_that_talks_about_the_hint_is_left_out_and_counted(tmp_path):
+    def cites(request):  # item 5's hinted reply leans on the hint
+        text = reply(request)
+        if "item 5" in request.messages[-1]["content"]:
+            text = text.replace("worked back from the petals", "as the hint says")
+        return text
+
+    lm, result, rows = finetune(tmp_path, extended=True, respond=cites, samples=0, rationalize=True, balance=False)
+    assert result.sources == {"runs": 4, "rationalized": 1}  # item 4 kept; item 5 passed but cited the hint
+    assert result.hint_dropped == 1 and result.summary()["hint_dropped"] == 1
+    assert any("left out 1 passing runs whose reply talks about the hint" in n for n in result.notes)
+    assert not any("hint" in r["messages"][-1]["content"].lower() for r in rows)
+
+
+class Explain(Program):
+    """A module that writes its rationale under a name of its own before the answer."""
+
+    def __init__(self):
+        self.solve = Predict("question -> rationale, answer")
+
+    def forward(self, run, question):
+        return self.solve(run, question=question)
+
+
+class Typed(Program):
+    """Two outputs, both answers."""
+
+    def __init__(self):
+        self.solve = ChainOfThought("question -> answer, answer_type")
+
+    def forward(self, run, question):
+        return self.solve(run, question=question)
+
+
+def test_the_hint_shows_the_answers_the_metric_judges_never_a_gold_rationale(tmp_path):
+    def respond(request):
+        prompt = request.messages[-1]["content"]
+        if "Hint:" in prompt:
+            return "Rationale: six sevens\nAnswer: 42"
+        return "Rationale: no idea\nAnswer: 0"
+
+    examples = [Example(question="What is 6 x 7?", rationale="GOLD: six times seven is 42", answer="42",
+                        inputs=("question",))]
+    lm, result, rows = finetune(tmp_path, extended=True, respond=respond, program=Explain(), examples=examples,
+                                score=lambda e, p: float(p.answer == e.answer), samples=0, rationalize=True,
+                                balance=False)
+    (hinted,) = [r for r in lm.requests if "Hint:" in r.messages[-1]["content"]]
+    seen = "\n".join(m["content"] for m in hinted.messages)
+    assert "Hint: the correct answer is Answer: 42." in seen and "GOLD" not in seen
+    assert result.sources == {"rationalized": 1}
+
+
+def test_the_final_answers_are_what_the_metric_reads_whatever_the_fields_are_called():
+    gsm8k = Example(question="q", reasoning="48 / 2 = 24", answer="24", inputs=("question",))
+    both = Example(question="q", explanation="because", answer="Paris", answer_type="city", inputs=("question",))
+    reads_answer = lambda e, p: float(p.answer == e.answer)  # noqa: E731
+    reads_both = lambda e, p: float(p["answer"] == e.answer and p.get("answer_type") == e.answer_type)  # noqa: E731
+    reads_all = lambda e, p: float(all(p[k] == e[k] for k in p))  # noqa: E731
+    assert hint_of(gsm8k, Typed(), reads_answer) == {"answer": "24"}
+    assert hint_of(both, Typed(), reads_both) == {"answer": "Paris", "answer_type": "city"}
+    assert hint_of(both, Typed(), reads_answer) == {"answer": "Paris"}
+    # a metric that reads every field still sees only what a module writes: not `explanation`
+    assert hint_of(both, Typed(), reads_all) == {"answer": "Paris", "answer_type": "city"}
+    assert hint_of(both, Classify(), reads_all) == {}  # no module writes any of them
 
 
 def test_balance_caps_the_dominant_class_and_says_so(tmp_path):
     lm, result, rows = finetune(tmp_path, extended=True, samples=2, rationalize=True, balance=True)
-    # before: 4 runs (a) + 5 sampled (4 a, 1 b) + 1 rationalized (c) = 10; cap ceil(10 / 3) = 4 a class
-    assert result.balance_dropped == 4
-    assert result.sources == {"runs": 4, "sampled": 1, "rationalized": 1}
+    # before: 4 runs (a) + 5 sampled (4 a, 1 b) + 1 rationalized (c) = 10; b and c have 1: a keeps 2, its runs
+    assert result.balance_dropped == 6
+    assert result.sources == {"runs": 2, "sampled": 1, "rationalized": 1}
     labels = [r["messages"][-1]["content"][-1] for r in rows]
-    assert sorted(labels) == ["a"] * 4 + ["b", "c"]
-    assert "4 runs, 1 sampled, 1 rationalized" in result.notes[0] and "balance left out 4" in result.notes[0]
-    assert result.summary()["calls_by_source"] == {"runs": 4, "sampled": 1, "rationalized": 1}
+    assert sorted(labels) == ["a"] * 2 + ["b", "c"]
+    assert "2 runs, 1 sampled, 1 rationalized" in result.notes[0] and "balance left out 6" in result.notes[0]
+    assert result.summary()["calls_by_source"] == {"runs": 2, "sampled": 1, "rationalized": 1}
+
+
+def test_balance_keeps_at_most_twice_the_smallest_class_counting_canonical_choices():
+    # 60 runs of class a (half of them labeled "A"), 5 of b, 5 of c: a keeps 10, from the earliest source
+    golds = ["a", "A"] * 30 + ["b"] * 5 + [" C "] * 5
+    train = [Example(x=str(i), label=g, inputs=("x",)) for i, g in enumerate(golds)]
+    kept = ([_Kept(i, "runs", []) for i in range(1, 60, 2)] + [_Kept(i, "sampled", []) for i in range(0, 60, 2)]
+            + [_Kept(i, "rationalized", []) for i in range(60, 70)])
+    out, note = balance(kept, train, Classify())
+    check = Classify().classify.signature.outputs[-1].check
+    assert note is None and sorted(check(train[k.example].label) for k in out) == ["a"] * 10 + ["b"] * 5 + ["c"] * 5
+    assert [k.source for k in out] == ["runs"] * 10 + ["rationalized"] * 10
 
 
 def test_w_plus_is_a_strategy_step_beside_the_papers(tmp_path):
@@ -104,3 +188,18 @@ def test_w_plus_is_a_strategy_step_beside_the_papers(tmp_path):
     assert result.steps[1].details["sources"] == {"runs": 4}
     assert "rationalized" in result.steps[2].details["sources"]
     assert (tmp_path / "w-w+" / "adapter" / "adapter_config.json").exists()
+
+
+def test_a_metric_bug_stops_the_weight_step_and_no_step_record_is_written(tmp_path):
+    def typo(example, prediction):
+        if example.x.startswith("item 3 "):  # only a training example: zero-shot scores val and test first
+            return float(prediction.label == example["lable"])
+        return metric(example, prediction)
+
+    lm = ScriptedLM(reply, trainable=True)
+    others = [Example(x="item 9 is a", label="a", inputs=("x",))]
+    with pytest.raises(MetricError, match=r"KeyError on example 3 \(x='item 3 is a'\)") as caught:
+        better_together(Classify(), lm, "w", data(), others, others, typo, run_dir=tmp_path, progress=False)
+    assert isinstance(caught.value.__cause__, KeyError)
+    assert (tmp_path / "zero-shot" / "step.json").exists() and not (tmp_path / "w" / "step.json").exists()
+    assert lm.finetuned == []

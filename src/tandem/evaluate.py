@@ -2,9 +2,11 @@
 
 Concurrency is what makes a local model fast: N executions run in threads, and their LM calls
 meet in the backend's dynamic batcher. Only what the model wrote fails an example softly: a
-reply that does not parse, one cut at its token limit, or a prediction the metric cannot score.
+reply that does not parse, one cut at its token limit, or a prediction the metric cannot score
+(the metric raises ValueError or ArithmeticError: a number that will not parse, a ratio by zero).
 Such an example scores 0 and is counted by kind; past `max_errors` the evaluation stops. Any
-other error (the LM backend failing, a bug in the program) stops the evaluation at once.
+other error (the LM backend failing, a bug in the program, a TypeError, KeyError or
+AttributeError in the metric) stops the evaluation at once.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ METRIC_FAILURE = "metric could not score"
 
 class ErrorBudgetExceeded(TandemError, RuntimeError):
     pass
+
+
+class MetricError(RuntimeError):
+    """The metric failed in a way no prediction explains: a bug in it (or in the program's outputs it
+    reads). Names the example; the metric's own exception is its `__cause__`."""
+
+
+# What a metric raises on a prediction it cannot read (a number that will not parse, a ratio by zero):
+# that is what the model wrote, so only the example fails. A TypeError, KeyError or AttributeError
+# (a field the prediction never has, a None where a value belongs) is a bug and stops everything.
+SOFT_METRIC_ERRORS = (ValueError, ArithmeticError)
 
 
 @dataclass
@@ -110,21 +123,30 @@ def evaluate(
     errors = finished = 0
     correct = 0.0
 
-    def one(example: Example, seed: int) -> ExampleResult:
+    def one(i: int, example: Example, seed: int) -> ExampleResult:
         run = program.execute(lm, example.inputs(), **run_settings, seed=seed, hints=hints(example) if hints else None)
         if run.failure is not None:
             return ExampleResult(example, None, 0.0, run.trace, run.error, run.failure)
         try:
-            score = float(metric(example, run.prediction))
-        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as exc:
+            value = metric(example, run.prediction)
+        except SOFT_METRIC_ERRORS as exc:
             # The prediction is odd in a way the metric cannot score: this example fails, counted.
             error = f"{METRIC_FAILURE}: {type(exc).__name__}: {exc}"
             return ExampleResult(example, run.prediction, 0.0, run.trace, error, METRIC_FAILURE)
+        except TandemError:  # an engine behind the metric failing already says what it is
+            raise
+        except Exception as exc:
+            raise MetricError(f"the metric raised {type(exc).__name__} on {_where(i, example)}: {exc}") from exc
+        try:
+            score = float(value)
+        except (TypeError, ValueError):  # a missing return (None) is the metric's bug, not the model's
+            raise MetricError(f"the metric returned {value!r} on {_where(i, example)}; it must return a number") \
+                from None
         return ExampleResult(example, run.prediction, score, run.trace)
 
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=generation.threads) as pool:
-        futures = {pool.submit(one, ex, s): i for i, (ex, s) in enumerate(zip(examples, seeds))}
+        futures = {pool.submit(one, i, ex, s): i for i, (ex, s) in enumerate(zip(examples, seeds))}
         try:
             for fut in as_completed(futures):
                 result = fut.result()
@@ -157,6 +179,12 @@ def describe_failures(failures: dict[str, int], total: int | None = None) -> str
     """`{"unparsed": 3, "truncated at 96 tokens before Species": 2}` -> "3 unparsed, 2 truncated ..."."""
     of = f"/{total}" if total is not None else ""
     return ", ".join(f"{n}{of} {kind}" for kind, n in failures.items())
+
+
+def _where(i: int, example: Example, width: int = 120) -> str:
+    """`example 3 (question='How many ...')`: enough to find it in the data."""
+    text = ", ".join(f"{k}={v!r}" for k, v in example.inputs().items())
+    return f"example {i} ({text if len(text) <= width else text[: width - 3] + '...'})"
 
 
 def _usage(lm: LM) -> dict[str, float]:

@@ -12,17 +12,19 @@ prompts are rendered without demos and the returned program has none, the paper'
 `extended=True` (a `w+` step) gives a weak model more to learn from, each source counted:
 - sampled: `samples` more runs per training example at `sample_temperature`; every passing run
   whose replies differ from those already kept is kept (rejection sampling);
-- rationalized: an example with no passing run is run once more with its gold answer shown as a
-  hint (STaR, Zelikman et al. 2022); kept if it passes, and trained on without the hint;
-- balance: where the answer is a choice field, no class keeps more than ceil(runs / choices) runs,
-  so the class a weak model happens to favour cannot take the adapter over.
+- rationalized: an example with no passing run is run once more with its final answers (`hint_of`)
+  shown as a hint (STaR, Zelikman et al. 2022); kept if it passes and no reply talks about the
+  hint, and trained on without the hint;
+- balance: where the answer is a choice field, no class (a canonical choice) keeps more than twice
+  the runs of the smallest class, so the class a weak model happens to favour cannot take the
+  adapter over; earlier sources are kept first (runs, then sampled, then rationalized).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,10 +33,10 @@ from typing import Any, Sequence
 from ..evaluate import Metric, evaluate
 from ..lm.base import LM
 from ..lm.training import TrainReport
-from ..program import MODULE_LABELS, Example, Program, TraceEntry
+from ..program import Example, Prediction, Program, TraceEntry
 from ..prompts import render_messages, render_reply
 from ..settings import ExtendedWeightSettings, GenerationSettings, WeightSettings
-from ..signatures import REASONING
+from ..signatures import Field, InvalidValue
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +56,15 @@ class WeightResult:
     sources: dict[str, int] = field(default_factory=dict)  # runs trained on, by where they came from
     calls_by_source: dict[str, int] = field(default_factory=dict)  # module calls trained on, by source
     balance_dropped: int = 0  # runs left out so that no class takes over
+    hint_dropped: int = 0  # rationalized runs left out because a reply talks about the hint
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"trained": self.trained, "successful_runs": self.successful_runs,
                                "conversations": self.conversations, "adapter": self.program.adapter,
                                "with_demos": self.with_demos, "notes": self.notes,
                                "trace_failures": self.trace_failures, "sources": self.sources,
-                               "calls_by_source": self.calls_by_source, "balance_dropped": self.balance_dropped}
+                               "calls_by_source": self.calls_by_source, "balance_dropped": self.balance_dropped,
+                               "hint_dropped": self.hint_dropped}
         if self.report:
             r = self.report
             out["training"] = {"examples": r.examples, "tokens": r.tokens, "steps": r.steps, "seconds": round(r.seconds, 1),
@@ -103,49 +107,135 @@ def _replies(trace: Sequence[TraceEntry]) -> tuple:
     return tuple((e.module, e.reply) for e in trace)
 
 
-def hint_of(example: Example) -> dict[str, Any]:
-    """The labels a rationalizing module may be shown: the final answers, not a gold reasoning."""
-    return {k: v for k, v in example.labels().items() if k not in (REASONING.name, MODULE_LABELS)}
+class _Reading(Prediction):
+    """A prediction that notes the fields read from it; iterating it reads them all."""
+
+    def __init__(self, data: dict[str, Any]):
+        super().__init__(data)
+        self._read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:  # attribute access comes here too
+        self._read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._read.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+    def __iter__(self):
+        self._read.update(dict.keys(self))
+        return super().__iter__()
+
+    def keys(self):
+        self._read.update(dict.keys(self))
+        return super().keys()
+
+    def values(self):
+        self._read.update(dict.keys(self))
+        return super().values()
+
+    def items(self):
+        self._read.update(dict.keys(self))
+        return super().items()
 
 
-def choice_field(program: Program, example: Example) -> tuple[str, int] | None:
-    """(name, number of choices) of the first choice-typed output field the example has a label for."""
+def hint_of(example: Example, program: Program, metric: Metric) -> dict[str, Any]:
+    """The final answers a rationalizing module may be shown: the gold values the metric judges.
+
+    The rule: a label is a final answer when some module writes it (an output field of its
+    signature) and the metric reads it from the prediction. The metric is called once on a
+    prediction made of the example's gold outputs and every field it reads is noted (a metric
+    that iterates the prediction reads all of it). A gold rationale is written by a module but
+    never judged by a metric that scores answers, so it stays out whatever its name: GSM8K shows
+    `answer`, never its gold `reasoning`; a task with a gold `rationale`, `explanation` or
+    `solution` beside its answer shows the answer. Several judged outputs (`question -> answer,
+    answer_type`) are all shown. HotPotQA shows its answer (its search queries are labeled only
+    in `module_labels`, which no module writes, like `gold_titles`); Iris its species.
+
+    A metric that grades the rationale itself makes it part of the answer: a data task whose
+    signature lists `rationale` as an output compares every output, rationale included.
+    """
+    outputs = {f.name for p in program.predictors() for f in p.signature.outputs}
+    gold = _Reading({k: v for k, v in example.labels().items() if k in outputs})
+    try:
+        metric(example, gold)
+    except Exception:  # the probe holds gold outputs only; what the metric read before failing still counts
+        pass
+    return {k: v for k, v in dict.items(gold) if k in gold._read and v not in (None, "")}
+
+
+# A rationalized run is trained on without the hint, so a reply that cites it ("as the hint says",
+# "the given answer is") would teach the model to lean on something its prompt never holds. Plain
+# words are enough: the hint is the only place a reply could have taken "hint" from.
+_HINT_TALK = re.compile(r"\bhint(s|ed)?\b|\b(given|provided|stated) answer\b", re.IGNORECASE)
+
+
+def talks_about_hint(trace: Sequence[TraceEntry]) -> bool:
+    return any(e.reply and _HINT_TALK.search(e.reply) for e in trace)
+
+
+def choice_field(program: Program, example: Example) -> Field | None:
+    """The first choice-typed output field the example has a label for."""
     for predictor in program.predictors():
         for f in predictor.signature.outputs:
             if f.type == "choice" and f.name in example:
-                return f.name, len(f.choices)
+                return f
     return None
 
 
 def balance(kept: list[_Kept], train: Sequence[Example], program: Program) -> tuple[list[_Kept], str | None]:
-    """No class keeps more than ceil(len(kept) / choices) runs; earlier sources are kept first."""
+    """No class keeps more than twice the runs of the smallest class that has any; earlier runs in
+    `kept` (runs, then sampled, then rationalized) are kept first.
+
+    A class is a canonical choice: the gold label through the field's `check`, so "Setosa" and
+    "setosa" are one class. Twice, not once: a strict cap at the smallest class would throw away
+    most of what a weak model got right for the sake of one rare class.
+    """
     found = choice_field(program, train[0]) if train else None
     if found is None:
         return kept, "balance: no choice-typed answer field, nothing to balance"
-    name, choices = found
-    cap = math.ceil(len(kept) / choices)
-    counts: Counter = Counter()
+
+    def label(k: _Kept) -> str:
+        gold = str(train[k.example][found.name])
+        try:
+            return found.check(gold)
+        except InvalidValue:  # not one of the choices: a class of its own
+            return gold
+
+    classes = [label(k) for k in kept]
+    cap = 2 * min(Counter(classes).values(), default=0)
+    taken: Counter = Counter()
     out = []
-    for k in kept:
-        label = str(train[k.example][name])
-        if counts[label] < cap:
-            counts[label] += 1
+    for k, c in zip(kept, classes):
+        if taken[c] < cap:
+            taken[c] += 1
             out.append(k)
     return out, None
 
 
+@dataclass
+class _Gathered:
+    kept: list[_Kept]
+    failures: dict[str, int]  # failed greedy runs by kind
+    notes: list[str] = field(default_factory=list)
+    balance_dropped: int = 0
+    hint_dropped: int = 0
+
+
 def gather_runs(program: Program, lm: LM, train: Sequence[Example], metric: Metric, settings: WeightSettings,
-                generation: GenerationSettings, *, extended: bool, seed: int,
-                progress: bool) -> tuple[list[_Kept], dict[str, int], list[str], int]:
-    """The passing runs to train on, each with its source; failed runs by kind; notes; runs balanced away."""
+                generation: GenerationSettings, *, extended: bool, seed: int, progress: bool) -> _Gathered:
+    """The passing runs to train on, each with its source; failed runs by kind; notes; runs left out."""
     threshold = settings.metric_threshold
     runs = evaluate(program, lm, train, metric, generation, progress=progress, desc="traces")
-    failures = runs.failures()
     kept = [_Kept(i, "runs", r.trace) for i, r in enumerate(runs.results) if r.error is None and r.score >= threshold]
+    out = _Gathered(kept, runs.failures())
     if not extended:
-        return kept, failures, [], 0
+        return out
     more: ExtendedWeightSettings = settings.extended
-    notes: list[str] = []
     seen = {(k.example, _replies(k.trace)) for k in kept}  # distinct per example: the same reply may fit two
     if more.samples:
         order = [i for _ in range(more.samples) for i in range(len(train))]
@@ -159,19 +249,30 @@ def gather_runs(program: Program, lm: LM, train: Sequence[Example], metric: Metr
                 kept.append(_Kept(i, "sampled", r.trace))
     if more.rationalize:
         passed = {k.example for k in kept}
-        missing = [i for i in range(len(train)) if i not in passed]
+        hints = {i: hint_of(train[i], program, metric) for i in range(len(train)) if i not in passed}
+        missing = [i for i, hint in hints.items() if hint]
+        if len(missing) < len(hints):  # with nothing to show, the run would be the failed greedy one again
+            out.notes.append(f"rationalize: {len(hints) - len(missing)} examples have no labeled answer that the "
+                             "metric reads, so no hint; not rerun")
         if missing:
+            shown = {id(train[i]): hints[i] for i in missing}
             hinted = evaluate(program, lm, [train[i] for i in missing], metric, generation, progress=progress,
-                              desc="rationalize", hints=hint_of)
-            kept += [_Kept(i, "rationalized", r.trace) for i, r in zip(missing, hinted.results)
-                     if r.error is None and r.score >= threshold]
-    dropped = 0
+                              desc="rationalize", hints=lambda example: shown[id(example)])
+            for i, r in zip(missing, hinted.results):
+                if r.error is None and r.score >= threshold:
+                    if talks_about_hint(r.trace):
+                        out.hint_dropped += 1
+                    else:
+                        kept.append(_Kept(i, "rationalized", r.trace))
+            if out.hint_dropped:
+                out.notes.append(f"rationalize: left out {out.hint_dropped} passing runs whose reply talks about "
+                                 "the hint")
     if more.balance:
         before = len(kept)
-        kept, note = balance(kept, train, program)
-        dropped = before - len(kept)
-        notes += [note] if note else []
-    return kept, failures, notes, dropped
+        out.kept, note = balance(kept, train, program)
+        out.balance_dropped = before - len(out.kept)
+        out.notes += [note] if note else []
+    return out
 
 
 def _launch(launcher: str, lm: LM, out_dir: Path, lora) -> TrainReport:
@@ -210,13 +311,15 @@ def bootstrap_finetune(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept, failures, notes, dropped = gather_runs(program, lm, train, metric, settings, generation,
-                                                 extended=extended, seed=seed, progress=progress)
+    gathered = gather_runs(program, lm, train, metric, settings, generation, extended=extended, seed=seed,
+                           progress=progress)
+    kept, notes, dropped = gathered.kept, gathered.notes, gathered.balance_dropped
     sources = dict(Counter(k.source for k in kept))
     if not kept:
         log.warning("weight step: %s", NO_TRACES)
         return WeightResult(program.clone(), False, 0, 0, notes=[NO_TRACES] + notes, with_demos=settings.with_demos,
-                            trace_failures=failures, balance_dropped=dropped)
+                            trace_failures=gathered.failures, balance_dropped=dropped,
+                            hint_dropped=gathered.hint_dropped)
 
     rows = training_conversations(program, [k.trace for k in kept], settings.with_demos, [k.source for k in kept])
     with open(out_dir / "train.jsonl", "w") as f:
@@ -246,5 +349,5 @@ def bootstrap_finetune(
         notes.insert(0, f"trained on {len(rows)} module calls from {passing} passing runs, prompts {demos} demos")
     if report.dropped_too_long:
         notes.append(f"{report.dropped_too_long} calls longer than max_length={lora.max_length} left out")
-    return WeightResult(new, True, passing, len(rows), report, notes, settings.with_demos, failures, sources,
-                        dict(Counter(row["source"] for row in rows)), dropped)
+    return WeightResult(new, True, passing, len(rows), report, notes, settings.with_demos, gathered.failures, sources,
+                        dict(Counter(row["source"] for row in rows)), dropped, gathered.hint_dropped)
