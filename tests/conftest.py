@@ -75,3 +75,79 @@ def cache_dir(tmp_path, monkeypatch):
         os.symlink(models, root / "models")
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(root))
     return root
+
+
+def _llama_around(tokenizer, out) -> str:
+    """A 2-layer Llama with random weights around `tokenizer`, in sizes both engines take (64-wide heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+# Text like the replies the grammar asks for, so the tokenizers learn pieces such as ":" + letters.
+_WORDS = ("the answer is species setosa versicolor virginica reasoning sepal petal length width question grade city "
+          "paris london number think step by step because measurements flower iris type").split()
+
+
+def _corpus(n: int = 3000) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(n):
+        words = " ".join(rng.choice(_WORDS) for _ in range(10))
+        label = rng.choice(("Species", "Answer", "Reasoning", "Answer Type", "Question"))
+        lines.append(f"{words}\n{label}:{rng.choice(_WORDS)} {rng.randint(0, 999)}:{rng.choice(_WORDS)}")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model_dir(tmp_path_factory) -> str:
+    """A Llama-2-style model: a SentencePiece BPE tokenizer (legacy, "▁" pieces, byte fallback) trained here."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sentencepiece-model")
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(_corpus()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "sp"), vocab_size=500, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (out / "tok").mkdir()
+    (out / "sp.model").rename(out / "tok" / "tokenizer.model")
+    (out / "tok" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tokenizer = AutoTokenizer.from_pretrained(out / "tok")
+    return _llama_around(tokenizer, out / "model")
+
+
+@pytest.fixture(scope="session")
+def bytelevel_model_dir(tmp_path_factory) -> str:
+    """A Llama-3-style model: byte-level BPE with Llama-3's split pattern, so one token may span ":x"."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|end_of_text|>"]
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=special,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[1])
+    return _llama_around(tokenizer, tmp_path_factory.mktemp("bytelevel-model"))

@@ -80,6 +80,25 @@ def test_optimize_writes_the_run_folder_and_refuses_a_changed_config(tiny_model_
     assert "(settings.seed: 0 -> 1)" in changed.stderr  # the field itself, not the whole settings block
 
 
+def test_a_resume_with_dtype_auto_loads_the_dtype_its_folder_recorded(tiny_model_dir, cache_dir, tmp_path):
+    run_dir, config_path = tmp_path / "run", tmp_path / "run" / "config.json"
+    args = ["optimize", "--task", "iris", "--model", tiny_model_dir, "--strategy", "p", "--run-dir", str(run_dir),
+            "--train-size", "2", "--val-size", "2", "--test-size", "2", "--num-candidates", "1",
+            "--max-new-tokens", "4", "--threads", "2"]
+    env = {"TANDEM_CACHE_DIR": str(cache_dir)}
+    first = tandem(*args, env_extra=env)
+    assert first.returncode == 0, first.stderr
+    config = json.loads(config_path.read_text())
+    probed = config["lm"]["dtype"]
+    recorded = config["lm"]["dtype"] = {"float32": "bfloat16", "bfloat16": "float32"}[probed]  # as if the probe flipped
+    config_path.write_text(json.dumps(config))
+    again = tandem(*args, env_extra=env)
+    assert again.returncode == 0, again.stderr
+    assert f"recorded {recorded}; resuming in it" in again.stderr
+    named = tandem(*args, "--dtype", probed, env_extra=env)  # a dtype the user names is still checked
+    assert named.returncode == 2 and f"lm.dtype: '{recorded}' -> '{probed}'" in named.stderr
+
+
 def test_bad_strategy_shows_the_valid_form(tmp_path):
     out = tandem("optimize", "--task", "iris", "--model", "smollm2-135m", "--strategy", "p -> q", "--run-dir", str(tmp_path))
     assert out.returncode == 2 and "joined by '->'" in out.stderr
@@ -121,7 +140,7 @@ def test_the_error_budget_is_one_line_and_exit_1_and_truncation_is_named(tiny_mo
     out = tandem(*args, "--max-errors", "1", env_extra=env)
     assert out.returncode == 1 and "more than max_errors=1" in out.stderr and "Traceback" not in out.stderr
     ok = tandem(*args, env_extra=env)
-    assert ok.returncode == 0 and "6 truncated at 2 tokens before Species" in ok.stdout  # a random model never gets there
+    assert ok.returncode == 0 and "6 truncated at 2 tokens before Reasoning" in ok.stdout  # 2 tokens hold no "Reasoning:" label
 
 
 def test_optimize_and_experiment_share_every_settings_flag():

@@ -40,7 +40,8 @@ def test_greedy_replies_equal_the_transformers_engine(engine, local):
     requests = [chat(p) for p in PROMPTS]
     assert [c.text for c in engine.generate(requests)] == [c.text for c in local.generate(requests)]
     assert all(c.finish_reason == "length" and c.completion_tokens == 12 for c in engine.generate(requests))
-    assert engine.describe()["engine"] == "vllm" and engine.describe()["vllm"]
+    record = engine.describe()  # what a run folder compares: vLLM's version is recorded apart, not compared
+    assert record["engine"] == "vllm" and record["decoding"].startswith("phased-v") and "vllm" not in record
 
 
 def test_adapters_per_request_mixed_with_base_requests_and_written_after_start(engine, local, tiny_vllm_model_dir,
@@ -65,15 +66,48 @@ def test_seeds_and_stops_hold_per_request(engine):
     assert cut and cut not in stopped and full.startswith(stopped)
 
 
-@pytest.mark.parametrize("limit", [12, 40])
-def test_constrained_replies_always_reach_a_declared_value(engine, limit):
-    module = ChainOfThought("petal_length, petal_width -> species: setosa|versicolor|virginica")
-    problems = [{"petal_length": 1.4 + i / 10, "petal_width": 0.2 * i} for i in range(6)]
-    requests = [Request(tuple(module.messages(p)), max_new_tokens=limit, temperature=1.0, seed=i,
-                        format=reply_format(module.signature)) for i, p in enumerate(problems)]
-    for completion in engine.generate(requests):
+IRIS = ChainOfThought("petal_length, petal_width -> species: setosa|versicolor|virginica")
+
+
+def iris_requests(limit: int, n: int = 6) -> list[Request]:
+    """Sampled Iris requests whose reasoning may be empty: at 12 tokens nothing more than the species fits."""
+    fmt = reply_format(IRIS.signature, optional=("reasoning",))
+    return [Request(tuple(IRIS.messages({"petal_length": 1.0 + i / 2, "petal_width": 0.2 * i})), max_new_tokens=limit,
+                    temperature=1.0, seed=i, format=fmt) for i in range(n)]
+
+
+def assert_within_and_whole(completions, limit: int) -> None:
+    """A field at a time: the reply keeps to its limit and none comes back cut."""
+    for completion in completions:
         assert completion.completion_tokens <= limit
-        assert parse_reply(module.signature, completion.text)["species"] in ("setosa", "versicolor", "virginica")
+        assert completion.finish_reason == "stop", completion.text
+        species = parse_reply(IRIS.signature, completion.text, optional=("reasoning",))["species"]
+        assert species in ("setosa", "versicolor", "virginica")
+
+
+@pytest.mark.parametrize("limit", [12, 24, 40])
+def test_constrained_replies_always_reach_a_declared_value(engine, limit):
+    assert_within_and_whole(engine.generate(iris_requests(limit)), limit)
+
+
+@pytest.mark.parametrize("model", ["sentencepiece_model_dir", "bytelevel_model_dir"])
+def test_constrained_replies_parse_on_sentencepiece_and_bytelevel_tokenizers(request, model):
+    """Llama-2-style and Llama-3-style vocabularies on vLLM: every field, typed values in their sets."""
+    from test_tokenizers import IRIS as COT_IRIS, TWO, requests, smallest_limit
+
+    from tandem.lm.vllm import VLLMEngine
+
+    vllm_engine = VLLMEngine(request.getfixturevalue(model), dtype="float32", max_model_len=2048)
+    try:
+        for module in (COT_IRIS, TWO):
+            fits = smallest_limit(vllm_engine.budget, module)
+            for limit in (fits, fits + 40):
+                for completion in vllm_engine.generate(requests(module, limit)):
+                    parsed = parse_reply(module.signature, completion.text)
+                    assert completion.completion_tokens <= limit
+                    assert all(parsed[f.name] in f.choices for f in module.signature.outputs if f.type == "choice")
+    finally:
+        vllm_engine.close()
 
 
 # -- the OpenAI-compatible engine against a real vLLM server on 127.0.0.1 ---------------------------
@@ -129,17 +163,14 @@ def test_openai_engine_replies_like_the_local_engine(server, local, tiny_vllm_mo
     assert engine.describe()["engine"] == "openai"
 
 
-def test_constrained_replies_on_the_server_stay_within_the_limit(server, tiny_vllm_model_dir):
-    """A field at a time, continuing the assistant's message: every reply reaches its species."""
+@pytest.mark.parametrize("limit", [12, 24, 40])
+def test_constrained_replies_on_the_server_stay_within_the_limit(server, tiny_vllm_model_dir, limit):
+    """A field at a time, continuing the assistant's message: every reply reaches its species, uncut."""
     from tandem.lm.openai_server import OpenAIEngine
 
     engine = OpenAIEngine(tiny_vllm_model_dir, server)
-    module = ChainOfThought("petal_length, petal_width -> species: setosa|versicolor|virginica")
-    requests = [Request(tuple(module.messages({"petal_length": 1.0 + i, "petal_width": 0.5})), max_new_tokens=30,
-                        temperature=1.0, seed=i, format=reply_format(module.signature)) for i in range(4)]
-    for completion in engine.generate(requests):
-        assert completion.completion_tokens <= 30
-        assert parse_reply(module.signature, completion.text)["species"] in ("setosa", "versicolor", "virginica")
+    assert engine.constrains and engine.decoding.startswith("phased-v")
+    assert_within_and_whole(engine.generate(iris_requests(limit, n=4)), limit)
 
 
 def test_a_weight_step_on_the_server_loads_its_adapter_at_runtime(server, local, tiny_vllm_model_dir, tmp_path):

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -149,12 +150,19 @@ def _program(task, args):
     return program.load(args.state) if args.state else program
 
 
-def _lm(args, engine: EngineSettings):
+def _lm(args, engine: EngineSettings, lora_rank: int = 16):
     from .lm import load_lm
 
     cache = str(cache_root() / "calls.sqlite") if engine.cache else None
     options = {k: v for k, v in to_dict(engine).items() if k != "cache"}
-    return load_lm(args.model, cache=cache, **options)
+    return load_lm(args.model, cache=cache, lora_rank=lora_rank, **options)
+
+
+def _honest(lm, generation: GenerationSettings) -> GenerationSettings:
+    """Constrained decoding off, said once, where the engine cannot constrain (a server that ignores grammars)."""
+    from .lm import honest_generation
+
+    return honest_generation(lm, generation)
 
 
 def _decoding(generation: GenerationSettings) -> str:
@@ -170,6 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     program = _program(task, args)
     examples = task.split(args.split)[: args.limit]
     lm = _lm(args, engine)
+    generation = _honest(lm, generation)
     result = evaluate(program, lm, examples, task.metric, generation, max_errors=args.max_errors,
                       desc=f"{task.name}/{args.split}")
     print(f"{task.name} {args.split} ({_decoding(generation)}): {result.summary()}")
@@ -241,7 +250,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     train, val, test = task.sized(job.data)
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
-    lm = _lm(args, engine)
+    lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
+    job = replace(job, optimize=replace(job.optimize, generation=_honest(lm, job.optimize.generation)))
     result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, job.optimize,
                              run_dir=run_dir, report_metrics=task.report_metrics,
                              config={"task": task.name, "task_source": task.source, "model": args.model,
@@ -254,13 +264,29 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _check_folder(run_dir: Path, args: argparse.Namespace, job: JobSettings) -> None:
-    """Refuse a folder made with other settings before the model loads (the library checks all of it again)."""
+    """Refuse a folder made with other settings before the model loads (the library checks all of it again).
+    Not for a server: whether it can constrain decoding, which the settings record, is known once it is
+    asked, and asking costs nothing like loading a model."""
     from .rundir import read_settings, refuse_changes
 
+    if getattr(args, "engine", None) == "openai":
+        return
     new = job.optimize if args.command == "optimize" else job
     old = read_settings(run_dir, type(new))
     if old is not None:
         refuse_changes(run_dir, {"settings": to_dict(old)}, {"settings": to_dict(new)})
+
+
+def _resumed(run_dir: Path, engine: EngineSettings) -> EngineSettings:
+    """`--dtype auto` resumes a folder in the dtype it recorded: a probe that decides otherwise
+    today would make the run refuse its own folder. A dtype named on the command line is still checked."""
+    from .rundir import recorded_lm
+
+    dtype = recorded_lm(run_dir).get("dtype")
+    if engine.dtype != "auto" or not dtype:
+        return engine
+    log.info("dtype auto: %s recorded %s; resuming in it (--dtype names another)", run_dir, dtype)
+    return with_overrides(engine, {"dtype": dtype})
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -272,7 +298,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     task = _task(args)
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
-    lm = _lm(args, engine)
+    lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
     seeds = range(job.optimize.seed, job.optimize.seed + args.seeds)
     run_grid(task, _program(task, args), lm, strategies, seeds, job, run_dir,
              config={"model": args.model, "budget": args.budget, "state": args.state, "task_source": task.source})
@@ -324,6 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 except ValueError as exc:  # json.JSONDecodeError is a ValueError
                     lines.append((n, exc))
     lm = _lm(args, engine)
+    generation = _honest(lm, generation)
 
     def answer(item) -> dict:
         n, inputs = item

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .evaluate import describe_failures
+from .lm import honest_generation
 from .lm.base import LM
 from .optimizers.better_together import better_together, parse_strategy
 from .program import Program
@@ -95,6 +96,7 @@ def run_grid(
     strategies extend it.
     """
     run_dir = Path(run_dir)
+    job = replace(job, optimize=replace(job.optimize, generation=honest_generation(lm, job.optimize.generation)))
     claim(run_dir, {**(config or {}), "task": task.name, "lm": describe_lm(lm), "settings": to_dict(job),
                     "strategies": list(strategies.values()), "seeds": list(seeds)})
     train, val, test = task.sized(job.data)

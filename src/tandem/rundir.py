@@ -73,6 +73,12 @@ def read_settings(run_dir: str | Path, cls: type) -> Any | None:
     return from_dict(cls, json.loads(path.read_text(encoding="utf-8"))["settings"], "settings.")
 
 
+def recorded_lm(run_dir: str | Path) -> dict[str, Any]:
+    """The engine a run folder recorded (`describe_lm`: engine, model, dtype chosen); {} for a new folder."""
+    path = Path(run_dir) / CONFIG
+    return json.loads(path.read_text(encoding="utf-8")).get("lm", {}) if path.exists() else {}
+
+
 def check(run_dir: str | Path, config: Mapping[str, Any]) -> None:
     """Refuse `run_dir` if it holds another configuration."""
     path = Path(run_dir) / CONFIG

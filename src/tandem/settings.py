@@ -83,9 +83,11 @@ class EngineSettings(Settings):
                                   "--base-url; auto: vllm where a CUDA GPU and vLLM are present, else transformers",
                           choices=ENGINES)
     base_url: str | None = setting(None, "openai engine: the server's URL, e.g. http://127.0.0.1:8000/v1")
-    dtype: str = setting("auto", "weights dtype; auto times bf16 against fp32 on this machine and takes the faster",
+    dtype: str = setting("auto", "weights dtype; auto times bf16 against fp32 on the model's matmul shape and takes bf16 "
+                                         "where it is clearly (1.5x) faster; a resumed run keeps the dtype it recorded",
                          choices=("auto", "bfloat16", "float32", "float16"))
-    device: str = setting("cpu", "torch device for inference and training: cpu, cuda, cuda:1, ...")
+    device: str = setting("auto", "torch device for inference and training: auto (the first CUDA GPU where there is "
+                                  "one, else the CPU), cpu, cuda, cuda:1, ...")
     max_batch: int = setting(32, "most requests in one batched generation", ge=1)
     cache: bool = setting(True, "read and write the on-disk LM call cache")
     max_model_len: int = setting(4096, "vllm engine: longest prompt plus reply, in tokens", ge=128)
@@ -133,10 +135,11 @@ class ExtendedWeightSettings(Settings):
     samples: int = setting(4, "w+ steps: sampled runs per training example; every distinct passing one is "
                               "kept (rejection sampling)", ge=0)
     sample_temperature: float = setting(0.7, "w+ steps: temperature of those sampled runs", gt=0)
-    rationalize: bool = setting(True, "w+ steps: an example with no passing run gets one run with the gold answer "
-                                      "as a hint; kept, without the hint, if it passes (STaR)")
-    balance: bool = setting(True, "w+ steps: where the answer is a choice field, no class keeps more than its "
-                                  "share of the runs (total / number of choices)")
+    rationalize: bool = setting(True, "w+ steps: an example with no passing run gets one run with its final answers "
+                                      "(the gold outputs the metric reads) as a hint; kept, without the hint, if it "
+                                      "passes and no reply talks about the hint (STaR)")
+    balance: bool = setting(True, "w+ steps: where the answer is a choice field, no class (a canonical choice) keeps "
+                                  "more than twice the runs of the smallest class that has any; earlier sources first")
 
 
 @dataclass(frozen=True)

@@ -6,31 +6,53 @@ from .models import ModelNotFoundError, resolve_model
 from .scripted import ScriptedLM
 
 
-def load_lm(model: str, *, cache: str | None = None, **options) -> LM:
+def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **options) -> LM:
     """`model` on the engine `options` name (fields of `EngineSettings`: engine, dtype, base_url, ...),
-    behind the on-disk cache unless `cache` is None. `load_lm("smollm2-135m")` is tandem's own engine."""
+    behind the on-disk cache unless `cache` is None. `load_lm("smollm2-135m")` is tandem's own engine.
+    `lora_rank`: the rank weight steps will train (vLLM reserves room for adapters up to it)."""
     from ..settings import EngineSettings
 
     settings = EngineSettings(**{"engine": "transformers", **options})
     kind = choose_engine(settings.engine)
+    device = choose_device(settings.device)
     if kind == "vllm":
         from .vllm import VLLMEngine
 
-        engine = VLLMEngine(model, dtype=settings.dtype, device=settings.device, max_batch=settings.max_batch,
+        engine = VLLMEngine(model, dtype=settings.dtype, device=device, max_batch=settings.max_batch,
                             max_model_len=settings.max_model_len, kv_cache_fraction=settings.kv_cache_fraction,
-                            tensor_parallel_size=settings.tensor_parallel_size, eager=settings.eager)
+                            tensor_parallel_size=settings.tensor_parallel_size, eager=settings.eager,
+                            max_lora_rank=lora_rank)
     elif kind == "openai":
         from ..errors import UsageError
         from .openai_server import OpenAIEngine
 
         if not settings.base_url:
             raise UsageError("--engine openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
-        engine = OpenAIEngine(model, settings.base_url, concurrency=settings.concurrency, device=settings.device)
+        engine = OpenAIEngine(model, settings.base_url, concurrency=settings.concurrency, device=device)
     else:
         from .local import LocalLM
 
-        engine = LocalLM(model, dtype=settings.dtype, device=settings.device, max_batch=settings.max_batch)
+        engine = LocalLM(model, dtype=settings.dtype, device=device, max_batch=settings.max_batch)
     return CachedLM(engine, cache) if cache else engine
+
+
+def choose_device(name: str) -> str:
+    """`auto`: the first CUDA GPU where there is one, else the CPU; any other name as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def honest_generation(lm: LM, generation):
+    """`generation` as `lm` can honour it: on an engine that cannot constrain decoding (a server that
+    ignores grammars) constrained decoding is turned off, so no run records it falsely."""
+    from dataclasses import replace
+
+    if generation.constrained and getattr(lm, "constrains", True) is False:
+        return replace(generation, constrained=False)
+    return generation
 
 
 def choose_engine(name: str) -> str:
@@ -47,4 +69,4 @@ def choose_engine(name: str) -> str:
 
 
 __all__ = ["LM", "Completion", "Request", "Usage", "CachedLM", "ScriptedLM", "ModelNotFoundError", "resolve_model", "load_lm",
-           "choose_engine"]
+           "choose_engine", "choose_device", "honest_generation"]

@@ -27,6 +27,10 @@ class FieldFormat:
     optional: bool = False  # free text that may be left empty (reasoning)
 
 
+# Which code makes constrained replies: part of their cache keys and of a run's record, so a change to
+# the grammar, the budget or the phases never serves old replies or resumes old steps. Bump it with them.
+DECODING_VERSION = 2
+
 VALUE_TOKENS = {"int": 17, "number": 24}  # the most tokens a typed value can take (one digit a token, sign, dot)
 
 
@@ -67,12 +71,15 @@ class Request:
         if self.temperature < 0:
             raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
 
-    def key(self, model: str, adapter_digest: str | None = None) -> str:
-        """Stable cache key: the model, the adapter's content (not its path), messages and sampling."""
+    def key(self, model: str, adapter_digest: str | None = None, decoding: str | None = None) -> str:
+        """Stable cache key: the model, the adapter's content (not its path), messages and sampling;
+        for a constrained request also `decoding`, what made the reply (an engine's `decoding`)."""
         data = asdict(self)
         data["adapter"] = adapter_digest
         if data["format"] is None:  # unconstrained requests keep the keys they had before formats existed
             del data["format"]
+        else:
+            data["decoding"] = decoding
         data["model"] = model
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -83,6 +90,20 @@ def sampling_seed(request: "Request", *more: object, bits: int = 63) -> int:
     as the cache (keyed per request) assumes. Every engine seeds through here."""
     digest = hashlib.sha256(repr((request.seed, request.messages, *more)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << bits) - 1)
+
+
+def eos_ids(tokenizer, model_path: str | None = None) -> list[int]:
+    """The tokens that end a reply: the tokenizer's end of sequence and the model's generation config's."""
+    ids = [tokenizer.eos_token_id]
+    if model_path:
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except OSError:  # no generation_config.json: the tokenizer's is the one
+            eos = None
+        ids += eos if isinstance(eos, list) else [eos]
+    return [i for i in dict.fromkeys(ids) if i is not None]
 
 
 def chat_prompt(tokenizer, messages: Sequence[Message]) -> str:

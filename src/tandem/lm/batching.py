@@ -51,17 +51,23 @@ class DynamicBatcher(Generic[In, Out]):
         return [f.result() for f in futures]
 
     def _take(self) -> list[tuple[In, Future]]:
+        """The next batch; empty only once the batcher is closed and drained."""
         with self._cond:
-            while not self._pending and not self._closed:
-                self._cond.wait()
-            # Callers that just got their previous replies resubmit within milliseconds:
-            # wait briefly for them so the batch fills up.
-            deadline = time.monotonic() + self.max_wait
-            while len(self._pending) < self.max_batch and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while True:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                # Callers that just got their previous replies resubmit within milliseconds:
+                # wait briefly for them so the batch fills up.
+                deadline = time.monotonic() + self.max_wait
+                while len(self._pending) < self.max_batch and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._pending or self._closed:
                     break
-                self._cond.wait(left)
+                # cancel() emptied the batch while it filled: wait for the next call, since an
+                # exited worker would leave every later `submit` waiting forever.
             batch, self._pending = self._pending, []
             self._cancelling = False
             return batch
@@ -69,7 +75,7 @@ class DynamicBatcher(Generic[In, Out]):
     def _loop(self) -> None:
         while True:
             batch = self._take()
-            if not batch:
+            if not batch:  # closed
                 return
             try:
                 outs = self.run_batch([item for item, _ in batch])

@@ -65,7 +65,8 @@ class CachedLM:
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         model = getattr(self.lm, "fingerprint", self.name)
-        keys = [r.key(model, self._digest(r.adapter)) for r in requests]
+        decoding = getattr(self.lm, "decoding", None) if any(r.format is not None for r in requests) else None
+        keys = [r.key(model, self._digest(r.adapter), decoding) for r in requests]
         results: list[Completion | None] = [None] * len(requests)
         with self._lock:
             for i, key in enumerate(keys):

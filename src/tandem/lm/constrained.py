@@ -26,29 +26,86 @@ from .base import VALUE_TOKENS, ReplyFormat
 LATER_TEXT_TOKENS = 24  # room kept for a free-text field that comes after another one (a short answer)
 
 
+def token_pieces(tokenizer, vocab_size: int | None = None) -> list[bytes]:
+    """Each token's bytes as it adds them to a reply (SentencePiece's leading "▁" as the space it is,
+    byte-fallback tokens as their byte), from xgrammar: the view its matchers take of the vocabulary."""
+    import xgrammar
+
+    return list(xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size).decoded_vocab)
+
+
+def _whole_utf8(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 class Budget:
     """What a reply format costs in one tokenizer's tokens: the tokens of each field break
     ("\\n<Label>:"), and for each field the tokens the fields after it need at most (`reserve`).
     Every engine that bounds free text uses it: the local engine forces a break mid-decode, vLLM
     stops a free field early and continues after the break."""
 
-    def __init__(self, tokenizer, jump_forward: bool = True):
+    def __init__(self, tokenizer, jump_forward: bool = True, pieces: Sequence[bytes] | None = None):
         """`jump_forward`: the engine writes text the format fixes in its usual tokens (the local
-        engine); without it a model may spell a choice one letter a token, and it is priced so."""
+        engine); without it a model may spell a choice one letter a token, and it is priced so.
+        `pieces`: each token's bytes in a reply (`token_pieces`), computed here if not given."""
         self.tokenizer = tokenizer
         self.jump_forward = jump_forward
+        self.pieces = list(pieces) if pieces is not None else token_pieces(tokenizer)
         self._tokenized: dict[str, tuple[int, ...]] = {}
         self._plans: dict[ReplyFormat, tuple[list[int], list[tuple[int, ...]]]] = {}
+        self._by_piece: dict[bytes, int] | None = None
+        # A vocabulary with pieces that are part of a character (byte fallback, byte-level BPE) may spend
+        # up to 4 tokens on one character, and a field can only end between characters.
+        self.char_slack = 3 if any(not _whole_utf8(p) for p in self.pieces) else 0
+
+    def spell(self, ids: Sequence[int]) -> bytes:
+        """The bytes `ids` add to a reply, as the grammar matcher sees them."""
+        return b"".join(self.pieces[i] for i in ids)
 
     def tokens(self, text: str) -> tuple[int, ...]:
-        """`text` in the tokenizer's usual tokens, exactly (no added prefix space); () if it has none."""
+        """`text` as tokens that add exactly its bytes where a reply continues (so the grammar accepts
+        them), in the tokenizer's usual tokens where it has them; () if the vocabulary cannot spell it.
+
+        The check is on the pieces the matcher sees, not on `decode`: a SentencePiece tokenizer puts
+        "▁" (a space) before text and its decoder drops that space again, so `decode(ids) == text`
+        holds for ids that would write " Species:" into the reply. After an anchor ("\\n") such a
+        tokenizer adds no space, so the text's tokens are read off the anchored encoding."""
         if text not in self._tokenized:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if self.tokenizer.decode(ids) != text:  # SentencePiece adds a leading space: cut a known prefix off
-                anchor = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
-                ids = self.tokenizer("\n" + text, add_special_tokens=False)["input_ids"][len(anchor):]
-            self._tokenized[text] = tuple(ids) if self.tokenizer.decode(ids) == text else ()
+            want = text.encode()
+            found: tuple[int, ...] = ()
+            for anchor in ("", "\n", "a"):
+                prefix = self._encode(anchor) if anchor else []
+                ids = self._encode(anchor + text)
+                if ids[: len(prefix)] == prefix and self.spell(ids[len(prefix):]) == want:
+                    found = tuple(ids[len(prefix):])
+                    break
+            self._tokenized[text] = found or self._greedy(want)
         return self._tokenized[text]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _greedy(self, want: bytes) -> tuple[int, ...]:
+        """Longest pieces first: a spelling the matcher accepts where the tokenizer gives none."""
+        if self._by_piece is None:
+            special = set(getattr(self.tokenizer, "all_special_ids", ()))
+            self._by_piece = {}
+            for i, piece in enumerate(self.pieces):
+                if piece and i not in special:
+                    self._by_piece.setdefault(piece, i)
+        longest = max(map(len, self._by_piece), default=0)
+        ids, at = [], 0
+        while at < len(want):
+            size = next((n for n in range(min(longest, len(want) - at), 0, -1) if want[at : at + n] in self._by_piece), 0)
+            if not size:
+                return ()
+            ids.append(self._by_piece[want[at : at + size]])
+            at += size
+        return tuple(ids)
 
     def plan(self, fmt: ReplyFormat) -> tuple[list[int], list[tuple[int, ...]]]:
         """(reserve, breaks): reserve[i] tokens are needed after field i; breaks[i] starts field i + 1."""
@@ -57,6 +114,13 @@ class Budget:
             costs = [len(breaks[i - 1]) + self._value_cost(f) if i else 0 for i, f in enumerate(fmt.fields)]
             self._plans[fmt] = ([sum(costs[i + 1:]) for i in range(len(fmt.fields))], breaks)
         return self._plans[fmt]
+
+    def smallest(self, fmt: ReplyFormat) -> int:
+        """The fewest tokens in which the format's worst case fits: the first label, the least the first
+        field takes (a required free text: a space and one piece), and what the fields after it need."""
+        first = fmt.fields[0]
+        least = (0 if first.optional else 2 + self.char_slack) if first.type == "text" else self._value_cost(first)
+        return len(self.tokens(f"{first.label}:")) + least + self.plan(fmt)[0][0]
 
     def _value_cost(self, f) -> int:
         if f.type == "choice":  # a space, then at worst one letter a token until one choice is left
@@ -76,15 +140,22 @@ class PhasedReply:
     """A constrained reply written a field at a time, for engines that cannot end a free field in the
     middle of a request (vLLM in process, an OpenAI-compatible server).
 
-    Each phase writes one field's value and the next field's label (`grammar()`), within the tokens
-    the later fields leave it (`max_tokens()`). A free field cut at its share has any half-written
-    label dropped and the break written for it; the next phase continues from `text`.
+    The first label is written for the model, as the local engine writes fixed text (a model free to
+    spell it may take a token a letter). Then each phase writes one field's value and the next field's
+    label (`grammar()`), within the tokens the later fields leave it (`max_tokens()`), counted without
+    the end-of-sequence token that closes a phase. A free field gets what is not reserved for the
+    fields after it, break included; cut at that share, it has any half-written label dropped and the
+    break appended. A typed field gets its priced cost and the break, which it writes itself; cut while
+    writing the break, it gets the break appended the same way. So the reply stays within
+    `max_new_tokens` and every later field keeps the share it was priced. The engine calls
+    `next_phase()` before each request and `take()` after it.
     """
 
     def __init__(self, request, budget: Budget):
         self.request, self.budget = request, budget
-        self.text = ""  # the reply so far
-        self.used = 0  # tokens spent so far, breaks included
+        fmt = request.format
+        self.text = f"{fmt.fields[0].label}:" if fmt is not None else ""  # the reply so far
+        self.used = len(budget.tokens(self.text)) if self.text else 0  # reply tokens so far, labels included
         self.field = 0  # the field the next phase starts at
         self.finish = "stop"
         self.done = False
@@ -92,42 +163,76 @@ class PhasedReply:
     def grammar(self) -> str | None:
         return None if self.request.format is None else self.request.format.grammar(phase=self.field)
 
-    def max_tokens(self) -> int:
-        room = self.request.max_new_tokens - self.used
+    def _last(self) -> bool:
         fmt = self.request.format
-        if fmt is not None and self.field < len(fmt.fields) - 1:
-            reserve, breaks = self.budget.plan(fmt)
-            room -= reserve[self.field] - len(breaks[self.field])  # this phase writes the next label itself
-        return max(room, 1)
+        return fmt is None or self.field >= len(fmt.fields) - 1
+
+    def max_tokens(self) -> int:
+        """The most tokens the next phase may write."""
+        room = self.request.max_new_tokens - self.used
+        if self._last():
+            return room
+        reserve, breaks = self.budget.plan(self.request.format)
+        room -= reserve[self.field]  # the later fields' breaks and values ...
+        if self.request.format.fields[self.field].type != "text":
+            room += len(breaks[self.field])  # ... less the break a typed phase writes itself
+        return room
+
+    def next_phase(self) -> bool:
+        """Whether a phase is to be generated now; a free field left no room is ended at once (empty)."""
+        while not self.done and self.max_tokens() < 1:
+            if self._last() or self.request.format.fields[self.field].type != "text":
+                self.finish, self.done = "length", True
+            else:
+                self.take("", 0, "length")
+        return not self.done
 
     def take(self, text: str, tokens: int, finish: str) -> None:
-        """One phase's output: its text (special tokens left out), tokens generated, finish reason."""
+        """One phase's output: its text (special tokens left out), the reply tokens it generated (the
+        end-of-sequence token not counted) and its finish reason."""
         self.used += tokens
         self.finish = "length" if finish == "length" else "stop"
-        fmt = self.request.format
-        if fmt is None or self.field >= len(fmt.fields) - 1:
+        if self._last():
             self.text += text
             self.done = True
+            if self.finish == "length" and self._whole_choice(text):
+                self.finish = "stop"  # cut where the end-of-sequence token would have come: nothing is missing
             return
+        fmt = self.request.format
         label = f"\n{fmt.fields[self.field + 1].label}:"
         if text.endswith(label):
             self.text += text
             self.field += 1
+            self.finish = "stop"
             return
-        breaks = self.budget.plan(fmt)[1]
-        if finish != "length" or fmt.fields[self.field].type != "text" or not breaks[self.field]:
-            self.text += text  # cut inside a typed value: the parser will say what is missing
-            self.done = True
-            return
+        free = fmt.fields[self.field].type == "text"
         cut = next((k for k in range(len(label) - 1, 0, -1) if text.endswith(label[:k])), 0)
-        self.text += text[: len(text) - cut]
-        if self.used + len(breaks[self.field]) > self.request.max_new_tokens:
+        brk = len(self.budget.plan(fmt)[1][self.field])
+        if finish != "length" or not brk or not (free or cut):
+            self.text += text  # stopped, or cut inside a typed value: the parser will say what is missing
             self.done = True
             return
-        self.text += label
-        self.used += len(breaks[self.field])
+        if cut:  # a half-written label: its tokens leave the reply with it
+            self.used -= min(tokens, len(self.budget.tokens(text[len(text) - cut:])))
+        if self.used + brk > self.request.max_new_tokens:
+            self.text += text
+            self.done = True
+            return
+        self.text += text[: len(text) - cut] + label
+        self.used += brk
         self.field += 1
         self.finish = "stop"
+
+
+    def _whole_choice(self, text: str) -> bool:
+        """Whether `text` completes the last field's choice, so that nothing more could follow."""
+        fmt = self.request.format
+        f = fmt.fields[self.field] if fmt is not None else None
+        if f is None or f.type != "choice":
+            return False
+        variants = [v for c in f.choices for v in (c, c[:1].upper() + c[1:])]
+        value = text.strip()
+        return value in variants and not any(v != value and v.startswith(value) for v in variants)
 
 
 class RowConstraint:
@@ -138,7 +243,7 @@ class RowConstraint:
         self.matcher, self.fmt, self.limit = matcher, fmt, limit
         self.reserve, self.breaks, self.constraints = reserve, breaks, constraints
         self.field = 0  # index of the field being written
-        self.tail = ""  # the end of what the row wrote, to see the next field's label arrive
+        self.tail = b""  # the end of what the row wrote, to see the next field's label arrive
         self.forced: list[int] = []
 
     def plan(self, written: int, allowed: torch.Tensor) -> None:
@@ -147,8 +252,9 @@ class RowConstraint:
         if self.forced:
             return
         f = self.field
+        slack = self.constraints.budget.char_slack  # a break cannot come inside a character
         if (f < len(self.fmt.fields) - 1 and self.fmt.fields[f].type == "text" and self.breaks[f]
-                and self.limit - written <= self.reserve[f]):
+                and self.limit - written <= self.reserve[f] + slack):
             first = self.breaks[f][0]
             if (allowed[first // 32] >> (first % 32)) & 1:  # not allowed: the field is still empty and must not be
                 self.forced = list(self.breaks[f])
@@ -163,11 +269,18 @@ class RowConstraint:
     def accept(self, token: int) -> None:
         if not self.matcher.accept_token(token):
             raise EngineError(f"constrained decoding: token {token} rejected by the reply format (a tandem bug)")
-        if token < len(self.constraints.pieces):
-            self.tail = (self.tail + self.constraints.pieces[token])[-64:]
-        # The format lets "\n<Label>:" appear only where that field begins (lm/grammar.py).
-        if self.field + 1 < len(self.fmt.fields) and self.tail.endswith(f"\n{self.fmt.fields[self.field + 1].label}:"):
+        pieces = self.constraints.budget.pieces
+        piece = pieces[token] if token < len(pieces) else b""
+        self.tail = (self.tail + piece)[-(256 + len(piece)):]
+        if self.field + 1 >= len(self.fmt.fields):
+            return
+        # The format lets "\n<Label>:" appear only where that field begins (lm/grammar.py). A token may
+        # carry the label's end and more (":x" is one token in Llama-3's vocabulary): the label counts
+        # when it ends anywhere inside the new piece, not only at its end.
+        label = f"\n{self.fmt.fields[self.field + 1].label}:".encode()
+        if label in self.tail[-(len(label) + len(piece) - 1):]:
             self.field += 1
+            self.tail = self.tail[self.tail.rindex(label) + len(label):]
 
 
 class Constraints:
@@ -185,8 +298,7 @@ class Constraints:
                                                        stop_token_ids=list(dict.fromkeys(stop_token_ids)))
         self.compiler = xgrammar.GrammarCompiler(info)
         self._compiled: dict[ReplyFormat, tuple] = {}
-        self.budget = Budget(tokenizer)
-        self.pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])  # each token's text
+        self.budget = Budget(tokenizer, pieces=info.decoded_vocab)
 
     def tokens(self, text: str) -> tuple[int, ...]:
         return self.budget.tokens(text)

@@ -108,12 +108,12 @@ def value_rule(f: "FieldFormat") -> str:
 
 def reply_grammar(fmt: "ReplyFormat", phase: int | None = None) -> str:
     """The whole reply; or, for `phase` i, only what one generation phase writes: field i's value
-    (its label too when i is 0) and then the next field's label (engines that continue a reply
-    field by field; see lm/vllm.py)."""
+    and then the next field's label (engines that continue a reply field by field write the first
+    label themselves; see `PhasedReply`)."""
     parts, rules = [], []
     fields = list(enumerate(fmt.fields)) if phase is None else [(phase, fmt.fields[phase])]
     for i, f in fields:
-        label = literal(f.label + ":") + " " if i == 0 or phase is None else ""
+        label = literal(f.label + ":") + " " if phase is None else ""
         parts.append(('"\\n" ' if i and phase is None else "") + f'{label}" "? v{i}')
         rules.append(f"v{i} ::= {value_rule(f)}")
     if phase is not None and phase + 1 < len(fmt.fields):

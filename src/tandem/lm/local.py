@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,9 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
-from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, sampling_seed
+from .base import (
+    DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, sampling_seed,
+)
 from .batching import Cancelled, DynamicBatcher
 from .models import ModelNotFoundError, resolve_model
 
@@ -39,8 +43,66 @@ def matmul_flops(dtype: torch.dtype, size: int = 512, repeats: int = 3) -> float
     return repeats * 2 * size**3 / (time.perf_counter() - started)
 
 
-def pick_dtype(requested: str, device: str) -> torch.dtype:
-    """'auto': bf16 where it is fast (GPUs, CPUs with AMX or AVX512-BF16), else fp32.
+def probe_shape(model_path: str | Path | None = None) -> tuple[int, int, int]:
+    """(rows, hidden, intermediate): the model's MLP up-projection, which the dtype probe times.
+
+    Kernels differ by shape, so the probe times the model's own (from its config.json where the
+    model is a folder; a typical small model's otherwise), each side capped at 4096 (a larger matrix
+    costs the probe time and memory, not other kernels), with rows for ~1e8 FLOP a call: a batch's
+    worth of tokens, and cheap to time even where bf16 is emulated.
+    """
+    hidden, intermediate = 1024, 4096
+    config = Path(model_path) / "config.json" if model_path else None
+    if config is not None and config.is_file():
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+            cfg = cfg.get("text_config") or cfg  # multimodal configs nest the language model's
+            h = int(cfg.get("hidden_size") or cfg.get("n_embd"))
+            hidden, intermediate = h, int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * h)
+    hidden, intermediate = min(hidden, 4096), min(intermediate, 4096)
+    return max(8, min(256, 10**8 // (2 * hidden * intermediate))), hidden, intermediate
+
+
+def probe_dtype_speeds(shape: tuple[int, int, int], calls: int = 24, budget_s: float = 0.3) -> tuple[float, float]:
+    """(bf16, fp32) FLOP/s of a `shape` (rows, k, n) matmul on one CPU core: the fastest of `calls`
+    of each, alternating, fewer once `budget_s` has passed (only emulated bf16 gets there).
+
+    The first calls in a dtype pay one-time costs (kernel generation): an AVX512-BF16 EPYC ran
+    its first bf16 256^3 call at 3 GFLOP/s and its fourth at ~300, so the fastest call is the
+    steady rate. One thread, because with every core in use another process on any of them stalls
+    each call at the thread pool's barrier (measured on 2 busy cores: 6-14 GFLOP/s instead of
+    160-350, in either dtype); the bf16/fp32 ratio is the instruction set's, not the core count's.
+    Alternating the dtypes puts any remaining disturbance on both.
+    """
+    rows, k, n = shape
+    pairs = [(torch.randn(rows, k, dtype=d), torch.randn(n, k, dtype=d)) for d in (torch.bfloat16, torch.float32)]
+    best = [math.inf, math.inf]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        for _ in range(calls):
+            for i, (x, w) in enumerate(pairs):
+                t = time.perf_counter()
+                torch.nn.functional.linear(x, w)  # what the model's Linear layers call
+                best[i] = min(best[i], time.perf_counter() - t)
+            if time.perf_counter() - started > budget_s:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * rows * k * n / best[0], 2 * rows * k * n / best[1]
+
+
+def choose_dtype(bf16_flops: float, fp32_flops: float, margin: float = 1.5) -> torch.dtype:
+    """bf16 only where it is clearly faster. Native bf16 runs matmuls ~2x fp32 and emulated bf16
+    ~100x slower (an AVX2-only EPYC), so a margin costs nothing and keeps a noisy timing from
+    flipping the choice."""
+    return torch.bfloat16 if bf16_flops > margin * fp32_flops else torch.float32
+
+
+def pick_dtype(requested: str, device: str, model_path: str | Path | None = None) -> torch.dtype:
+    """'auto': bf16 on GPUs; on a CPU, bf16 where it times clearly faster than fp32 on the model's
+    matmul shape (`model_path`: its folder, for `probe_shape`), else fp32.
 
     Without native bf16 a CPU emulates it ~100x slower than fp32 (measured on an AVX2-only EPYC),
     so the choice is made by timing both, not by habit.
@@ -51,10 +113,12 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
         return DTYPES[requested]
     if device != "cpu":
         return torch.bfloat16
-    # Native bf16 runs matmuls several times faster than fp32, emulated bf16 ~100x slower: ask for a
-    # clear margin, so a timing taken while other work shares the cores cannot flip the choice.
-    faster = matmul_flops(torch.bfloat16, 256, 3) > 1.5 * matmul_flops(torch.float32, 256, 3)
-    return torch.bfloat16 if faster else torch.float32
+    shape = probe_shape(model_path)
+    bf16, fp32 = probe_dtype_speeds(shape)
+    chosen = choose_dtype(bf16, fp32)
+    log.info("dtype auto: bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s (one core, %dx%d @ %dx%d) -> %s", bf16 / 1e9, fp32 / 1e9,
+             shape[0], shape[1], shape[1], shape[2], str(chosen).removeprefix("torch."))
+    return chosen
 
 
 class _GrowingLayer(DynamicLayer):
@@ -132,8 +196,8 @@ class LocalLM:
         prefill them once (0 turns sharing off)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.dtype = pick_dtype(dtype, device)
         path = resolve_model(model)
+        self.dtype = pick_dtype(dtype, device, path)
         self.path = path  # the weights' folder: a weight step under a launcher trains from it
         self.name = model if not Path(path).is_dir() else str(Path(path).resolve())
         try:
@@ -169,10 +233,12 @@ class LocalLM:
         """Stop the running batch within one decode step and fail the waiting calls (Ctrl-C)."""
         self._batcher.cancel()
 
+    decoding = f"forced-v{DECODING_VERSION}"  # constrained replies in one pass, breaks forced (lm/constrained.py)
+
     def describe(self) -> dict[str, str]:
         """What a run folder records about the engine: the dtype actually chosen, not 'auto'."""
         return {"engine": "transformers", "model": self.name, "dtype": str(self.dtype).removeprefix("torch."),
-                "device": self.device}
+                "device": self.device, "decoding": self.decoding}
 
     def close(self) -> None:
         self._batcher.close()

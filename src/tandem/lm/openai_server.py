@@ -11,10 +11,14 @@ server at runtime (vLLM: `POST /v1/load_lora_adapter`, enabled by `VLLM_ALLOW_RU
 and `--enable-lora`), addressing it by name from then on. A server that cannot load adapters is
 found out before training, with one line saying how to start it.
 
-Constrained decoding sends the reply grammar as vLLM's `structured_outputs` request field (other
-servers need `--no-constrained`). A server cannot be made to end a free field mid-request, so a
-constrained reply is written a field at a time (`PhasedReply`), each phase continuing the
-assistant's message within its share of the token limit, priced with the model's tokenizer.
+Constrained decoding sends the reply grammar (xgrammar's EBNF) in the first request field the server
+honours: vLLM's `structured_outputs`, older vLLM's `guided_grammar` or SGLang's `ebnf`. Which one is
+found once, with a grammar that allows one string; a server that honours none (llama.cpp's, a hosted
+endpoint) is said so in one line, its replies are free and parsed after the fact, and a run records
+`constrained: false` (`lm.honest_generation`). A server cannot be made to end a free field
+mid-request, so a constrained reply is written a field at a time (`PhasedReply`), each phase
+continuing the assistant's message within its share of the token limit, priced with the model's
+tokenizer; without a tokenizer here, a constrained reply is one request whose free text is unbounded.
 """
 
 from __future__ import annotations
@@ -28,10 +32,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
-from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, sampling_seed
+from .base import DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, sampling_seed
 from .constrained import Budget, PhasedReply
 
 log = logging.getLogger(__name__)
+
+# Where servers take a grammar: vLLM >= 0.10, older vLLM, SGLang; all read xgrammar's EBNF.
+GRAMMAR_FIELDS = ("structured_outputs", "guided_grammar", "ebnf")
+PROBE = "tandem-ok"  # the one string the probe's grammar allows
+_UNKNOWN = object()
 
 RUNTIME_LORA_HINT = ("start vLLM's server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora "
                      "--max-lora-rank 64, or run weight steps with --engine transformers or vllm")
@@ -71,9 +80,51 @@ class OpenAIEngine:
         self._tokenizer = None
         self._budgets: Budget | bool | None = None
         self._budget_lock = threading.Lock()
+        self._grammar_field: object = _UNKNOWN
 
     def describe(self) -> dict[str, str]:
-        return {"engine": "openai", "base_url": self.base_url, "model": self.name, "openai": self.openai.__version__}
+        """What a run folder records and compares; the client's version is recorded with the others."""
+        return {"engine": "openai", "base_url": self.base_url, "model": self.name, "decoding": self.decoding}
+
+    @property
+    def decoding(self) -> str:
+        """How constrained replies are made here: a field at a time, in one request, or not at all."""
+        if not self.constrains:
+            return "free"
+        return f"{'phased' if self._budget() else 'one-request'}-v{DECODING_VERSION}"
+
+    @property
+    def constrains(self) -> bool:
+        """Whether this server honours a reply grammar (asked once)."""
+        return self._grammar() is not None
+
+    def _grammar(self) -> str | None:
+        """The request field through which the server honours a grammar, found once with a grammar
+        that allows one string; None (said in one line) if it ignores every one it was offered."""
+        with self._budget_lock:
+            if self._grammar_field is _UNKNOWN:
+                self._grammar_field = next((f for f in GRAMMAR_FIELDS if self._honours(f)), None)
+                if self._grammar_field is None:
+                    log.warning("the server at %s ignores reply grammars (tried %s): constrained decoding is off, "
+                                "replies are written freely and parsed after the fact", self.base_url,
+                                ", ".join(GRAMMAR_FIELDS))
+            return self._grammar_field
+
+    def _honours(self, field: str) -> bool:
+        grammar = f'root ::= "{PROBE}"'
+        try:
+            response = self.client.chat.completions.create(
+                model=self.name, messages=[{"role": "user", "content": "Say anything."}], max_tokens=32,
+                temperature=0.0, extra_body={field: {"grammar": grammar} if field == "structured_outputs" else grammar})
+        except self.openai.BadRequestError:  # a server that refuses the field outright
+            return False
+        except self.openai.APIError as exc:
+            raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
+        return (response.choices[0].message.content or "").strip() == PROBE
+
+    def _grammar_body(self, grammar: str) -> dict:
+        field = self._grammar()
+        return {field: {"grammar": grammar} if field == "structured_outputs" else grammar}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -87,39 +138,46 @@ class OpenAIEngine:
     def _one(self, request: Request) -> Completion:
         """One request; a constrained one a field at a time (PhasedReply), continuing the assistant's
         message (vLLM's `continue_final_message`), so the free text stays within its share."""
-        budget = self._budget() if request.format is not None else None
+        fmt = request.format if request.format is not None and self.constrains else None
+        budget = self._budget() if fmt is not None else None
         reply = PhasedReply(request, budget) if budget is not None else None
         prompt_tokens = used = 0
         text, finish = "", "stop"
-        while True:
+        while reply is None or reply.next_phase():
             extra: dict = {}
             messages = list(request.messages)
             if reply is not None:
-                extra["structured_outputs"] = {"grammar": reply.grammar()}
+                extra.update(self._grammar_body(reply.grammar()))
                 if reply.text:
                     messages.append({"role": "assistant", "content": reply.text})
                     extra.update(continue_final_message=True, add_generation_prompt=False)
-            elif request.format is not None:
-                extra["structured_outputs"] = {"grammar": request.format.grammar()}
+            elif fmt is not None:
+                extra.update(self._grammar_body(fmt.grammar()))
+            # Each phase draws with its own seed, as on vLLM in process (the phase is part of it).
+            seed = sampling_seed(request, *([reply.field] if reply else []), bits=32) if request.temperature > 0 else None
             try:
                 response = self.client.chat.completions.create(
                     model=self._served_name(request.adapter), messages=messages,
                     max_tokens=reply.max_tokens() if reply else request.max_new_tokens,
-                    temperature=request.temperature, stop=list(request.stop) or None,
-                    seed=sampling_seed(request, bits=32) if request.temperature > 0 else None, extra_body=extra or None,
+                    temperature=request.temperature, stop=list(request.stop) or None, seed=seed,
+                    extra_body=extra or None,
                 )
             except self.openai.APIError as exc:
                 raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
             choice, usage = response.choices[0], response.usage
             prompt_tokens = prompt_tokens or (getattr(usage, "prompt_tokens", 0) or 0)
             tokens = getattr(usage, "completion_tokens", 0) or 0
+            # vLLM counts the end-of-sequence token that closes a reply (its stop_reason is then None);
+            # it is not part of the reply.
+            extras = choice.model_extra or {}
+            if choice.finish_reason == "stop" and "stop_reason" in extras and extras["stop_reason"] is None:
+                tokens = max(tokens - 1, 0)
             if reply is None:
                 text, used, finish = choice.message.content or "", tokens, choice.finish_reason
                 break
             reply.take(choice.message.content or "", tokens, choice.finish_reason)
-            if reply.done:
-                text, used, finish = reply.text, reply.used, reply.finish
-                break
+        if reply is not None:
+            text, used, finish = reply.text, reply.used, reply.finish
         completion = Completion(text.strip(), prompt_tokens=prompt_tokens, completion_tokens=used,
                                 finish_reason="length" if finish == "length" else "stop")
         with self._lock:

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
-from .base import Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, sampling_seed
+from .base import (
+    DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, eos_ids, sampling_seed,
+)
 from .batching import DynamicBatcher
 from .constrained import Budget, PhasedReply
 from .local import pick_dtype
@@ -72,6 +74,14 @@ def cpu_environment() -> dict[str, str]:
     return env
 
 
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds adapters of `rank`."""
+    return next((r for r in LORA_RANKS if r >= rank), rank)
+
+
 class VLLMEngine:
     """One model on vLLM's in-process engine, behind tandem's LM protocol."""
 
@@ -86,7 +96,7 @@ class VLLMEngine:
         kv_cache_fraction: float | None = None,
         tensor_parallel_size: int = 1,
         eager: bool = True,
-        max_lora_rank: int = 64,
+        max_lora_rank: int = 16,
         max_loras: int = 4,
         max_wait: float = 0.02,
     ):
@@ -101,14 +111,20 @@ class VLLMEngine:
         path = resolve_model(model)
         self.name = model if not Path(path).is_dir() else str(Path(path).resolve())
         self.path = path
-        self.device = "cpu" if on_cpu else device
-        self.dtype = pick_dtype(dtype, "cpu" if on_cpu else "cuda")
+        # Weight steps train where vLLM runs: its CPU build on the CPU, else the GPU (`device` names which).
+        self.device = "cpu" if on_cpu else (device if device.startswith("cuda") else "cuda")
+        self.dtype = pick_dtype(dtype, self.device, path)
         dtype_name = str(self.dtype).removeprefix("torch.")
         started = time.perf_counter()
+        self.max_lora_rank = lora_rank_slot(max_lora_rank)
+        # On a GPU, vLLM sleeps while a weight step trains (its weights to host memory, its KV cache
+        # freed), so training has the GPU it would otherwise hold; its CPU build has no sleep mode.
+        self.sleeps = not on_cpu
         self.llm = vllm.LLM(
-            model=path, dtype=dtype_name, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+            model=path, dtype=dtype_name, enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=max_loras,
             max_model_len=max_model_len, enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=kv_cache_fraction or (0.25 if on_cpu else 0.85), enforce_eager=eager, seed=0,
+            **({"enable_sleep_mode": True} if self.sleeps else {}),
         )
         self.startup_seconds = time.perf_counter() - started
         log.info("vLLM %s engine up in %.1f s (%s, %s)", self.version, self.startup_seconds, dtype_name,
@@ -117,6 +133,7 @@ class VLLMEngine:
         self.fingerprint = f"{self.name}|{dtype_name}|vllm"
         self.usage = Usage()
         self.budget = Budget(self.tokenizer, jump_forward=False)
+        self._eos = set(eos_ids(self.tokenizer, path))
         self._loras: dict[tuple[str, float], object] = {}
         self._trainer = None  # a Hugging Face copy of the model, made at the first weight step
         self._batcher = DynamicBatcher(self._run_batch, max_batch=max_batch, max_wait=max_wait)
@@ -129,9 +146,12 @@ class VLLMEngine:
     def cancel(self) -> None:
         self._batcher.cancel()
 
+    decoding = f"phased-v{DECODING_VERSION}"  # constrained replies a field at a time (PhasedReply)
+
     def describe(self) -> dict[str, str]:
-        return {"engine": "vllm", "vllm": self.version, "model": self.name,
-                "dtype": str(self.dtype).removeprefix("torch."), "device": self.device}
+        """What a run folder records and compares; vLLM's version is recorded with the others, not here."""
+        return {"engine": "vllm", "model": self.name, "dtype": str(self.dtype).removeprefix("torch."),
+                "device": self.device, "decoding": self.decoding}
 
     def close(self) -> None:
         """Stop the batcher and the engine's worker process now, not at interpreter exit."""
@@ -169,11 +189,19 @@ class VLLMEngine:
 
         from .training import train_lora
 
-        if self._trainer is None:
-            device = "cpu" if self.device == "cpu" else "cuda"
-            self._trainer = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype).to(device)
-        report, self._trainer = train_lora(self._trainer, self.tokenizer, self.prompt_text, conversations, out_dir,
-                                           settings, progress=progress)
+        if settings.rank > self.max_lora_rank:
+            raise UsageError(f"LoRA rank {settings.rank} is above the {self.max_lora_rank} this vLLM engine was started "
+                             "with; start it with the rank the weight steps use (--rank)")
+        if self.sleeps:
+            self.llm.sleep(level=1)
+        try:
+            if self._trainer is None:
+                self._trainer = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype).to(self.device)
+            report, self._trainer = train_lora(self._trainer, self.tokenizer, self.prompt_text, conversations,
+                                               out_dir, settings, progress=progress)
+        finally:
+            if self.sleeps:
+                self.llm.wake_up()
         return report
 
     # -- generation ----------------------------------------------------------------------------
@@ -205,7 +233,7 @@ class VLLMEngine:
         started = time.perf_counter()
         prompts = [self.encode(r.messages) for r in requests]
         replies = [PhasedReply(r, self.budget) for r in requests]
-        pending = list(range(len(replies)))
+        pending = [i for i, reply in enumerate(replies) if reply.next_phase()]
         while pending:
             inputs = [{"prompt_token_ids": prompts[i] + (self.tokenizer(replies[i].text, add_special_tokens=False)
                                                           ["input_ids"] if replies[i].text else [])} for i in pending]
@@ -215,8 +243,10 @@ class VLLMEngine:
                 raise EngineError(f"vLLM returned {len(outs)} outputs for {len(pending)} prompts")
             for i, out in zip(pending, outs):
                 o = out.outputs[0]
-                replies[i].take(o.text, len(o.token_ids), o.finish_reason)
-            pending = [i for i in pending if not replies[i].done]
+                ids = list(o.token_ids)
+                # The end-of-sequence token that closes a phase is not part of the reply.
+                replies[i].take(o.text, len(ids) - bool(ids and ids[-1] in self._eos), o.finish_reason)
+            pending = [i for i in pending if replies[i].next_phase()]
         completions = []
         for prompt, reply in zip(prompts, replies):
             text = reply.text

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import UsageError
 from ..evaluate import Metric, describe_failures, evaluate
+from ..lm import honest_generation
 from ..lm.base import LM
 from ..program import Example, Program, load_state
 from ..rundir import claim, data_digest, describe_lm, write_json
@@ -162,6 +163,7 @@ def better_together(
     """
     steps = parse_strategy(strategy) if isinstance(strategy, str) else tuple(strategy)
     run_dir = Path(run_dir)
+    settings = replace(settings, generation=honest_generation(lm, settings.generation))
     claim(run_dir, {
         **(config or {}),
         "lm": describe_lm(lm),
