@@ -33,9 +33,9 @@ def rows(n=16):
 def labeler(request):
     """Answers right once the prompt shows a demo (it has learned the format), else a wrong label."""
     text = request.messages[-1]["content"]
-    demos = any(m["role"] == "assistant" for m in request.messages)
+    demos = any(m["role"] == "assistant" for m in request.messages) or "\nExamples:" in request.messages[0]["content"]
     right = "warm" if "hot" in text else "chilly"
-    return f"Reasoning: r\nLabel: {right if demos else 'unknown'}"
+    return f"Reasoning: I work it out step by step.\nLabel: {right if demos else 'unknown'}"
 
 
 def test_example_task_file_and_a_module_path_both_load(tmp_path, monkeypatch):

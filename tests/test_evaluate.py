@@ -17,7 +17,7 @@ class Echo(Program):
 
 def reply(request):
     q = request.messages[-1]["content"].removeprefix("Question: ")
-    return "gibberish" if q.startswith("bad") else f"Reasoning: easy\nAnswer: {q.upper()}"
+    return "gibberish" if q.startswith("bad") else f"Reasoning: the answer is the question upper-cased\nAnswer: {q.upper()}"
 
 
 def exact(example, prediction):

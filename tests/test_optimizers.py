@@ -44,7 +44,10 @@ def number_of(request):
 
 
 def demos_in(request):
-    return sum(m["role"] == "assistant" for m in request.messages)
+    """Demos as turns (complete ones) and as examples in the system message (labeled rows, no reasoning)."""
+    system = request.messages[0]["content"]
+    examples = system.split("\nExamples:", 1)[1].count("\n\n") if "\nExamples:" in system else 0
+    return sum(m["role"] == "assistant" for m in request.messages) + examples
 
 
 def smart(request):
@@ -52,8 +55,8 @@ def smart(request):
     n = number_of(request)
     if "Rewritten" in request.messages[-1]["content"]:
         ok = n % 2 == 0 or demos_in(request) > 0
-        return f"Reasoning: doubling\nDouble: {2 * n if ok else n}"
-    return f"Reasoning: copy\nRewritten: {n}"
+        return f"Reasoning: twice the number, step by step\nDouble: {2 * n if ok else n}"
+    return f"Reasoning: the same number, written again\nRewritten: {n}"
 
 
 def metric(example, prediction):
@@ -89,7 +92,7 @@ def test_bootstrap_keeps_only_passing_traces_and_respects_limits():
                 assert demo.get("number", demo.get("rewritten")) in (2, "2", 4, "4", 6, "6", 8, "8", 10, "10")
     unshuffled = result.candidates[1].state["predictors"]["answer"]["demos"]
     assert [d["rewritten"] for d in unshuffled] == ["2", "4"]  # training order, passing runs only
-    assert unshuffled[0]["double"] == "4" and unshuffled[0]["reasoning"] == "doubling"
+    assert unshuffled[0]["double"] == "4" and unshuffled[0]["reasoning"] == "twice the number, step by step"
 
 
 def test_random_search_picks_the_best_candidate_and_reports_all():
@@ -105,7 +108,7 @@ def test_random_search_picks_the_best_candidate_and_reports_all():
 
 def test_equal_scores_go_to_the_candidate_whose_runs_fail_less():
     def reply(request):  # never right; parses only with demos
-        return "Answer: 0" if demos_in(request) else "no idea"
+        return "Reasoning: it is what the demos say\nAnswer: 0" if demos_in(request) else "no idea"
 
     train = [Example(question=f"q{i}", answer="42", inputs=("question",)) for i in range(4)]
     result = bootstrap_fewshot_rs(Solve(), ScriptedLM(reply), train, train[:2], exact,
@@ -117,7 +120,7 @@ def test_equal_scores_go_to_the_candidate_whose_runs_fail_less():
 
 def test_labeled_only_candidate_and_teacher_use_labels_where_fields_allow():
     def reply(request):
-        return "Answer: 42" if demos_in(request) else "no idea"
+        return "Reasoning: it is what the demos say\nAnswer: 42" if demos_in(request) else "no idea"
 
     train = [Example(question=f"q{i}", answer="42", inputs=("question",)) for i in range(5)]
     lm = ScriptedLM(reply)
@@ -221,7 +224,7 @@ def test_better_together_scores_every_step_and_resumes_without_redoing(tmp_path)
 
 def test_better_together_with_a_weight_step_that_finds_nothing_goes_on(tmp_path):
     def hopeless(request):
-        return "Reasoning: r\nRewritten: 0" if "Number" in request.messages[-1]["content"] else "Reasoning: r\nDouble: 0"
+        return "Reasoning: I work it out step by step.\nRewritten: 0" if "Number" in request.messages[-1]["content"] else "Reasoning: I work it out step by step.\nDouble: 0"
 
     lm = ScriptedLM(hopeless, trainable=True)
     result = better_together(Double(), lm, "w -> p", data([1, 2]), data([3]), data([4]), metric,
@@ -274,9 +277,9 @@ def test_the_best_step_is_chosen_by_val_even_when_test_disagrees(tmp_path):
         text = request.messages[-1]["content"]
         n = int(text.split(": ")[1])
         if "Number" in text:
-            return f"Reasoning: r\nRewritten: {n}"
+            return f"Reasoning: I work it out step by step.\nRewritten: {n}"
         right = (n in val_numbers) == demos if n in val_numbers + test_numbers else True
-        return f"Reasoning: r\nDouble: {2 * n if right else 0}"
+        return f"Reasoning: I work it out step by step.\nDouble: {2 * n if right else 0}"
 
     result = better_together(Double(), ScriptedLM(contrary), "p", data([1, 2, 4]), data(val_numbers),
                              data(test_numbers), metric, OptimizeSettings(prompts=PromptSettings(1, 0, 1)),

@@ -6,6 +6,7 @@ from tandem.errors import UsageError
 
 from tandem import ChainOfThought, Example, Predict, Program, ScriptedLM
 from tandem.program import load_state
+from tandem.prompts import FORMAT_HEADER
 
 
 class TwoStep(Program):
@@ -23,7 +24,7 @@ class TwoStep(Program):
 
 def reply(request):
     system = request.messages[0]["content"]
-    return "Reasoning: r\nQuery: q1" if "- Query" in system.split("You must write:")[1] else "Answer: a1"
+    return "Reasoning: I work it out step by step.\nQuery: q1" if "- Query" in system.split(FORMAT_HEADER)[1] else "Answer: a1"
 
 
 def test_named_predictors_walks_lists_like_named_parameters():
@@ -36,7 +37,7 @@ def test_execute_records_one_trace_entry_per_call_with_messages_and_reply():
     run = TwoStep().execute(lm, {"question": "why?"})
     assert run.error is None and run.prediction.answer == "a1"
     assert [t.module for t in run.trace] == ["hops[0]", "hops[1]", "answer"]
-    assert run.trace[0].reply == "Reasoning: r\nQuery: q1"
+    assert run.trace[0].reply == "Reasoning: I work it out step by step.\nQuery: q1"
     assert run.trace[2].inputs == {"question": "why?", "query": "q1"}
     assert run.trace[2].messages[-1]["content"] == "Question: why?\nQuery: q1"
     assert len(lm.requests) == 3
@@ -108,3 +109,34 @@ def test_state_pointing_at_a_missing_adapter_is_refused(tmp_path):
     path.write_text(json.dumps({"adapter": "gone", "predictors": {}}))
     with pytest.raises(UsageError, match="does not exist"):
         load_state(path)
+
+
+@pytest.mark.parametrize("reply", [
+    "Reasoning: ...\nAnswer: 4",  # the template's placeholder, copied
+    "Reasoning: …\nAnswer: 4",
+    "Reasoning: <reasoning>\nAnswer: 4",
+    "Reasoning: Think step by step before giving the answer.\nAnswer: 4",  # the field's description, copied
+    "Reasoning: it is four\nAnswer: 4",  # three words
+    "Answer: 4",  # free decoding: the answer without a chain of thought
+])
+def test_a_chain_of_thought_without_real_reasoning_fails_as_its_own_kind(reply):
+    program = Solo(ChainOfThought("question -> answer"))
+    run = program.execute(ScriptedLM(lambda request: reply), {"question": "2+2?"})
+    assert run.failure == "no reasoning" and run.prediction is None
+    assert run.trace[0].error.startswith("no reasoning: ")
+
+
+def test_real_reasoning_passes_and_a_plain_predict_needs_none():
+    cot = Solo(ChainOfThought("question -> answer"))
+    run = cot.execute(ScriptedLM(lambda r: "Reasoning: two and two make four\nAnswer: 4"), {"question": "2+2?"})
+    assert run.failure is None and run.prediction.answer == "4"
+    plain = Solo(Predict("question -> answer"))
+    assert plain.execute(ScriptedLM(lambda r: "Answer: 4"), {"question": "2+2?"}).prediction.answer == "4"
+
+
+class Solo(Program):
+    def __init__(self, module):
+        self.module = module
+
+    def forward(self, run, question):
+        return self.module(run, question=question)

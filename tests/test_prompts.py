@@ -32,12 +32,15 @@ def test_render_puts_instructions_format_demos_and_inputs_in_order():
     sig = cot("question -> answer")
     demos = [{"question": "1+1?", "reasoning": "One and one.", "answer": "2"}, {"question": "2+2?", "answer": "4"}]
     messages = render_messages(sig, demos, {"question": "3+3?"})
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert messages[0]["content"].startswith("Do the thing.")
-    assert "Reasoning: ...\nAnswer: ..." in messages[0]["content"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    system = messages[0]["content"]
+    assert system.startswith("Do the thing.")
+    # The format describes each field; no fill-in line ("Reasoning: ...") for a small model to copy.
+    assert "- Reasoning (free text) - " in system and "- Answer (free text)" in system and ": ..." not in system
+    # A labeled demo without reasoning is a solved example in the system message, never a reply without it.
+    assert system.endswith("Examples:\n\nQuestion: 2+2?\nAnswer: 4")
     assert messages[1]["content"] == "Question: 1+1?"
     assert messages[2]["content"] == "Reasoning: One and one.\nAnswer: 2"
-    assert messages[4]["content"] == "Answer: 4"  # a labeled demo without reasoning shows what it has
     assert messages[-1]["content"] == "Question: 3+3?"
 
 
@@ -61,9 +64,12 @@ def test_parse_keeps_the_first_answer_and_ignores_echoed_inputs():
     assert parse_reply(sig, reply)["answer"] == "7"
 
 
-def test_parse_accepts_missing_reasoning_but_not_missing_answer():
+def test_parse_needs_every_field_unless_told_a_field_is_optional():
     sig = cot("question -> answer")
-    assert parse_reply(sig, "Answer: yes") == {"reasoning": "", "answer": "yes"}
+    with pytest.raises(ParseError, match="no reasoning") as missing:
+        parse_reply(sig, "Answer: yes")
+    assert missing.value.missing == ("reasoning",)
+    assert parse_reply(sig, "Answer: yes", optional=("reasoning",)) == {"reasoning": "", "answer": "yes"}
     with pytest.raises(ParseError, match="no answer"):
         parse_reply(sig, "Reasoning: I think so, the answer is 4")
     with pytest.raises(ParseError, match="empty answer"):
@@ -87,4 +93,5 @@ def test_empty_fields_are_left_out_of_demos_and_replies():
 
     sig = cot("question -> answer")
     assert render_reply(sig, {"reasoning": "", "answer": "4"}) == "Answer: 4"
-    assert render_messages(sig, [{"question": "q", "reasoning": "", "answer": "4"}], {"question": "x"})[2]["content"] == "Answer: 4"
+    messages = render_messages(sig, [{"question": "q", "reasoning": "", "answer": "4"}], {"question": "x"})
+    assert len(messages) == 2 and messages[0]["content"].endswith("Examples:\n\nQuestion: q\nAnswer: 4")

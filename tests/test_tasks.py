@@ -112,9 +112,9 @@ def test_hotpotqa_program_returns_its_context_and_reports_the_gold_paragraphs_fo
     first = example.module_labels["generate_query[0]"]["search_query"]
 
     def reply(request):  # hop queries name the first gold title; the answer is the gold answer
-        if "Search Query:" in request.messages[0]["content"]:
-            return f"Search Query: {first}"
-        return f"Answer: {example.answer}"
+        if "- Search Query" in request.messages[0]["content"]:
+            return f"Reasoning: the question names this title first\nSearch Query: {first}"
+        return f"Reasoning: the context says so in its passages\nAnswer: {example.answer}"
 
     result = evaluate(task.make_program(), ScriptedLM(reply), [example], task.metric, progress=False)
     prediction = result.results[0].prediction

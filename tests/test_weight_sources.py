@@ -38,8 +38,8 @@ def reply(request):
         return f"Reasoning: worked back from the petals\nLabel: {prompt.split('Label: ')[-1][0]}"
     gold = prompt.split(" is ")[1][0]
     if request.temperature > 0 and request.seed % 2 == 0 and "item 5" not in prompt:
-        return f"Reasoning: sampled with seed {request.seed}\nLabel: {gold}"
-    return "Reasoning: guess\nLabel: a"
+        return f"Reasoning: this one was sampled with seed {request.seed}\nLabel: {gold}"
+    return "Reasoning: a guess from the first letter\nLabel: a"
 
 
 def finetune(tmp_path, extended, respond=reply, program=None, examples=None, score=metric, **options):
@@ -57,7 +57,7 @@ def test_the_paper_step_trains_on_exactly_the_passing_greedy_runs(tmp_path):
     assert len(lm.requests) == len(GOLDS)  # one greedy run per example, nothing else
     assert all(r.temperature == 0 and "Hint" not in r.messages[-1]["content"] for r in lm.requests)
     assert result.sources == {"runs": 4} and result.conversations == 4
-    assert [r["messages"][-1]["content"] for r in rows] == ["Reasoning: guess\nLabel: a"] * 4
+    assert [r["messages"][-1]["content"] for r in rows] == ["Reasoning: a guess from the first letter\nLabel: a"] * 4
     assert "from 4 passing runs" in result.notes[0]
 
 
@@ -69,8 +69,9 @@ def test_sampled_runs_keep_only_passing_distinct_replies(tmp_path):
     # seed 1 repeats the greedy reply (kept once), seed 2 is right on items 0-4, never on item 5
     assert result.sources == {"runs": 4, "sampled": 5}
     replies = [r["messages"][-1]["content"] for r in rows]
-    assert replies.count("Reasoning: guess\nLabel: a") == 4  # the odd seed's repeats were not kept again
-    assert replies[4:] == ["Reasoning: sampled with seed 2\nLabel: a"] * 4 + ["Reasoning: sampled with seed 2\nLabel: b"]
+    assert replies.count("Reasoning: a guess from the first letter\nLabel: a") == 4  # the odd seed's repeats were not kept again
+    assert replies[4:] == ["Reasoning: this one was sampled with seed 2\nLabel: a"] * 4 + [
+        "Reasoning: this one was sampled with seed 2\nLabel: b"]
     assert [r["source"] for r in rows] == ["runs"] * 4 + ["sampled"] * 5
 
 
@@ -91,7 +92,7 @@ def test_a_rationalized_reply_that_talks_about_the_hint_is_left_out_and_counted(
     def cites(request):  # item 5's hinted reply leans on the hint
         text = reply(request)
         if "item 5" in request.messages[-1]["content"]:
-            text = text.replace("worked back from the petals", "as the hint says")
+            text = text.replace("worked back from the petals", "as the hint says, it is this label")
         return text
 
     lm, result, rows = finetune(tmp_path, extended=True, respond=cites, samples=0, rationalize=True, balance=False)

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 from .errors import UsageError
 from .lm.base import LM, Message, Request
 from .prompts import (
-    Invalid, ModelOutputError, ParseError, Truncated, parse_reply, render_messages, reply_format, stop_strings,
+    Invalid, ModelOutputError, NoReasoning, ParseError, Truncated, check_reasoning, parse_reply, render_messages,
+    reply_format, stop_strings,
 )
 from .signatures import REASONING, Signature, ensure_signature
 
@@ -130,6 +131,8 @@ class Module:
 class Predict(Module):
     """One LM call through a signature; its state is instructions plus demos."""
 
+    rationale: str | None = None  # an output field that must hold real reasoning (ChainOfThought's)
+
     def __init__(self, signature: str | Signature, instructions: str = "", max_new_tokens: int | None = None):
         self.signature = ensure_signature(signature, instructions)
         self.demos: list[dict[str, Any]] = []
@@ -156,14 +159,21 @@ class Predict(Module):
         run.trace.append(entry)
         (completion,) = run.lm.generate([request])
         entry.reply = completion.text
+        fields = {f.name: f for f in self.signature.outputs}
         try:
             entry.outputs = parse_reply(self.signature, entry.reply)
+            if self.rationale:
+                check_reasoning(fields[self.rationale], entry.outputs[self.rationale])
         except ParseError as exc:
             if completion.finish_reason == "length" and exc.missing:  # it was cut: say so, not "no field"
-                label = {f.name: f.label for f in self.signature.outputs}[exc.missing[0]]
-                exc = Truncated(limit, label, entry.reply, inside=isinstance(exc, Invalid))
+                exc = Truncated(limit, fields[exc.missing[0]].label, entry.reply, inside=isinstance(exc, Invalid))
+            elif exc.missing == (self.rationale,):  # the answer came without a chain of thought
+                exc = NoReasoning(f"reply has no {fields[self.rationale].label} field: {entry.reply[:200]!r}")
             entry.error = f"{exc.kind}: {exc}"
             raise exc from None
+        except NoReasoning as exc:
+            entry.error = f"{exc.kind}: {exc}"
+            raise
         return Prediction(entry.outputs)
 
     def get_state(self) -> dict[str, Any]:
@@ -178,7 +188,11 @@ class Predict(Module):
 
 
 class ChainOfThought(Predict):
-    """A Predict whose reply starts with a reasoning field before the outputs."""
+    """A Predict whose reply starts with a reasoning field before the outputs. The reasoning must be
+    real in either decoding mode (`prompts.check_reasoning`): a reply without it, or with a placeholder,
+    fails as "no reasoning", so no demo and no weight step learns an answer without its reasoning."""
+
+    rationale = REASONING.name
 
     def __init__(self, signature: str | Signature, instructions: str = "", max_new_tokens: int | None = None):
         super().__init__(signature, instructions, max_new_tokens)

@@ -4,8 +4,10 @@
 the model's text back into output fields. Both are pure functions, so what the model sees is
 exactly what `tandem show-prompt` prints.
 
-The format is plain "Label: value" lines. Each demo is a user turn (its inputs) followed by an
-assistant turn (its outputs), so a chat model sees demos as earlier turns of the conversation.
+The format is plain "Label: value" lines. Each complete demo is a user turn (its inputs) followed
+by an assistant turn (its outputs), so a chat model sees demos as earlier turns of the conversation.
+A demo without some output field (a labeled row has no reasoning) is shown in the system message as
+a solved example instead: as a reply it would teach the model to leave that field out.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ class Truncated(ParseError):
         self.kind = f"truncated at {limit} tokens {where} {field}"
 
 
+class NoReasoning(ModelOutputError):
+    """A chain-of-thought reply without reasoning: none, a placeholder ("...", "<reasoning>", the
+    field's description copied) or fewer than MIN_REASONING_WORDS words. Its answer was reached without
+    a chain of thought, so there is nothing in it for a demo or a weight step to learn from; in either
+    decoding mode it fails, counted as its own kind."""
+
+    kind = "no reasoning"
+
+
 class Invalid(ParseError):
     """A field is there, but its value is not of the field's type (not one of its choices, no number)."""
 
@@ -71,20 +82,36 @@ def _render_fields(fields: Sequence[Field], values: Mapping[str, object]) -> str
     return "\n".join(parts)
 
 
-FORMAT_HEADER = "Answer with exactly these lines, in this order:"
+FORMAT_HEADER = "Write these fields, in this order, each on a new line that starts with its label and a colon:"
 
 
-def system_message(signature: Signature) -> str:
-    def describe(fields: Sequence[Field]) -> str:
-        return "\n".join(f"- {f.label}" + (f" ({f.kind})" if f.kind else "") + (f": {f.description}" if f.description else "")
-                         for f in fields)
+def _describe(fields: Sequence[Field], outputs: bool = False) -> str:
+    """One line a field. Output fields say what they hold without a fill-in line ("Reasoning: ..."),
+    which small models copy as their reply."""
+    def line(f: Field) -> str:
+        kind = f.kind or ("free text" if outputs else "")
+        return f"- {f.label}" + (f" ({kind})" if kind else "") + (f" - {f.description}" if f.description else "")
 
+    return "\n".join(line(f) for f in fields)
+
+
+def complete(signature: Signature, demo: Mapping[str, object]) -> bool:
+    """Whether a demo has every output field, as a reply must: only such demos are shown as replies."""
+    return all(demo.get(name) not in (None, "") for name in signature.output_names)
+
+
+def system_message(signature: Signature, examples: Sequence[Mapping[str, object]] = ()) -> str:
+    """Instructions, the fields, the reply format; then `examples`, demos that lack an output field
+    (labeled rows have no reasoning), shown as solved examples rather than as replies, so the model
+    is not taught to leave that field out."""
     lines = []
     if signature.instructions:
         lines += [signature.instructions.strip(), ""]
-    lines += ["You are given:", describe(signature.inputs), "", "You must write:", describe(signature.outputs), ""]
-    lines.append(FORMAT_HEADER)
-    lines += [f"{f.label}: ..." for f in signature.outputs]
+    lines += ["You are given:", _describe(signature.inputs), "", FORMAT_HEADER, _describe(signature.outputs, True)]
+    if examples:
+        lines += ["", "Examples:"]
+        for example in examples:
+            lines += ["", _render_fields(signature.inputs, example), _render_fields(signature.outputs, example)]
     return "\n".join(lines)
 
 
@@ -92,7 +119,8 @@ def render_messages(
     signature: Signature, demos: Sequence[Mapping[str, object]], inputs: Mapping[str, object],
     hint: Mapping[str, object] | None = None,
 ) -> list[Message]:
-    """Chat messages for one call: system (instructions and format), demos as turns, then the inputs.
+    """Chat messages for one call: system (instructions, format, incomplete demos), complete demos as
+    turns, then the inputs.
 
     `hint` (output field -> its correct value) is for rationalization only: the last turn then
     tells the model the answer it must reach. Training prompts are rendered without it.
@@ -100,8 +128,10 @@ def render_messages(
     missing = [name for name in signature.input_names if name not in inputs]
     if missing:
         raise ValueError(f"missing inputs for signature '{signature}': {missing}")
-    messages: list[Message] = [{"role": "system", "content": system_message(signature)}]
-    for demo in demos:
+    whole = [d for d in demos if complete(signature, d)]
+    partial = [d for d in demos if not complete(signature, d)]
+    messages: list[Message] = [{"role": "system", "content": system_message(signature, partial)}]
+    for demo in whole:
         messages.append({"role": "user", "content": _render_fields(signature.inputs, demo)})
         messages.append({"role": "assistant", "content": render_reply(signature, demo)})
     last = _render_fields(signature.inputs, inputs)
@@ -132,7 +162,7 @@ def _label_pattern(fields: Sequence[Field]) -> re.Pattern[str]:
     return re.compile(rf"^{prefix}({labels}){suffix}:[*_]*[ \t]*", re.IGNORECASE | re.MULTILINE | re.ASCII)
 
 
-def parse_reply(signature: Signature, reply: str, optional: Sequence[str] = ("reasoning",)) -> dict[str, str]:
+def parse_reply(signature: Signature, reply: str, optional: Sequence[str] = ()) -> dict[str, str]:
     """Read output fields from "Label: value" lines; raise ParseError if a required one is absent.
 
     Each field's value runs until the next known label. The first occurrence of a field after
@@ -162,7 +192,26 @@ def parse_reply(signature: Signature, reply: str, optional: Sequence[str] = ("re
     return out
 
 
-def reply_format(signature: Signature, optional: Sequence[str] = ("reasoning",)) -> ReplyFormat:
+MIN_REASONING_WORDS = 5
+_SLOT = re.compile(r"^[<\[{(](.*)[>\]})]$", re.DOTALL)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def check_reasoning(field: Field, text: str) -> None:
+    """Raise NoReasoning unless `text` is reasoning: words of its own, at least MIN_REASONING_WORDS
+    of them (counted as words, not tokens, so every tokenizer judges alike)."""
+    words = _words(text)
+    slot = _SLOT.match(text.strip())
+    if not words or (slot and len(_words(slot.group(1))) <= 3) or words == _words(field.description):
+        raise NoReasoning(f"{field.label} is a placeholder: {text[:80]!r}")
+    if len(words) < MIN_REASONING_WORDS:
+        raise NoReasoning(f"{field.label} has {len(words)} word(s), fewer than {MIN_REASONING_WORDS}: {text[:80]!r}")
+
+
+def reply_format(signature: Signature, optional: Sequence[str] = ()) -> ReplyFormat:
     """What a constrained engine must make the reply: every output field, in order, typed values one
     line each from their set. Free text stays free (empty where the parser allows it), except that
     none of its lines may begin with a label of the signature, which `parse_reply` would read as a field."""
@@ -176,8 +225,8 @@ def placeholder_reply(messages: Sequence[Message], fmt: ReplyFormat | None = Non
     if fmt is not None:
         def value(f: FieldFormat) -> str:
             return f.choices[0] if f.type == "choice" else "0" if f.type in ("int", "number") else \
-                f"<{f.label.lower()} written by the model>"
+                f"<{f.label.lower()}, as the model writes it>"
         return "\n".join(f"{f.label}: {value(f)}" for f in fmt.fields)
-    fmt_text = messages[0]["content"].split(FORMAT_HEADER, 1)[-1]
-    labels = [line[: -len(": ...")] for line in fmt_text.splitlines() if line.endswith(": ...")]
-    return "\n".join(f"{label}: <{label.lower()} written by the model>" for label in labels)
+    fmt_text = messages[0]["content"].split(FORMAT_HEADER, 1)[-1].split("\n\n", 1)[0]
+    labels = [re.split(r" \(| - ", line[2:], maxsplit=1)[0] for line in fmt_text.splitlines() if line.startswith("- ")]
+    return "\n".join(f"{label}: <{label.lower()}, as the model writes it>" for label in labels)
