@@ -174,3 +174,16 @@ def test_cli_optimize_export_and_run_a_data_file_task(tiny_model_dir, cache_dir,
     one = tandem("run", str(tmp_path / "shipped"), '{"text": "item 5 is hot"}', "--model", tiny_model_dir,
                  "--max-new-tokens", "4", env=env)
     assert one.returncode in (0, 1) and json.loads(one.stdout)["line"] == 1
+
+
+def test_typed_outputs_are_scored_as_values_and_a_gold_outside_the_type_is_refused(tmp_path):
+    """`--metric exact` normalizes punctuation away: "A+" and "A-" would both read "a". Choices are compared
+    as the canonical values the parser gives; a gold label that is no choice is a data error, said up front."""
+    rows_ = [{"essay": f"essay {i}", "grade": g} for i, g in enumerate(["A+", "A", "A-", "B"] * 2)]
+    task = data_task(write_rows(tmp_path / "grades.jsonl", rows_), "essay -> grade: A+|A|A-|B", metric="exact")
+    example = next(e for e in task.train if e["grade"] == "A+")
+    assert task.metric(example, Prediction(reasoning="x", grade="A+")) == 1.0
+    assert task.metric(example, Prediction(reasoning="x", grade="A-")) == 0.0
+    bad = write_rows(tmp_path / "bad.jsonl", rows_ + [{"essay": "essay 9", "grade": "C"}])
+    with pytest.raises(UsageError, match=r"bad.jsonl:9: Grade 'C' is not one of A\+\|A\|A-\|B"):
+        data_task(bad, "essay -> grade: A+|A|A-|B")

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from ..errors import UsageError
 from ..program import ChainOfThought, Example, Predict, Prediction, Program, Run
-from ..signatures import Signature
+from ..signatures import Field, InvalidValue, Signature
 from .base import SPLIT_SEED, Task
 from .metrics import COMPARISONS
 
@@ -141,8 +141,17 @@ def data_task(
     SignatureProgram(signature, instructions, program)  # refuses a bad program kind before reading data
     fields = sig.input_names + sig.output_names
 
+    typed = [f for f in sig.outputs if f.type != "text"]
+
     def examples(path: str | Path) -> list[Example]:
-        return [Example({f: row[f] for f in fields}, inputs=tuple(sig.input_names)) for _, row in read_rows(path, fields)]
+        rows = read_rows(path, fields)
+        for n, row in rows:  # a gold label no reply could match is a data error, said before anything runs
+            for f in typed:
+                try:
+                    f.check(str(row[f.name]))
+                except InvalidValue as exc:
+                    raise UsageError(f"{Path(path).expanduser()}:{n}: {exc}") from None
+        return [Example({f: row[f] for f in fields}, inputs=tuple(sig.input_names)) for _, row in rows]
 
     pool = examples(train)
     random.Random(SPLIT_SEED).shuffle(pool)
@@ -155,10 +164,14 @@ def data_task(
     val_rows = examples(val) if val is not None else pool[:quarter]
     train_rows = pool if val is not None else pool[quarter:]
     compare = COMPARISONS[metric]
-    outputs = sig.output_names
+
+    def same(f: Field, got: str, gold: str) -> float:
+        """Typed values are compared as values: the parser made the reply's canonical, and the gold is
+        made canonical the same way (`--metric exact` would read choices "A+" and "A-" both as "a")."""
+        return compare(got, gold) if f.type == "text" else float(got == f.check(gold))
 
     def score(example: Example, prediction: Prediction) -> float:
-        return statistics.mean(compare(str(prediction[f]), str(example[f])) for f in outputs)
+        return statistics.mean(same(f, str(prediction[f.name]), str(example[f.name])) for f in sig.outputs)
 
     files = {split: {"path": str(Path(p).resolve()), "sha256": _sha256(Path(p).expanduser())}
              for split, p in (("train", train), ("val", val), ("test", test)) if p is not None}
