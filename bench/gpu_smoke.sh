@@ -23,9 +23,12 @@ tandem eval --task gsm8k --model "$MODEL" --engine vllm --device cuda --dtype bf
     --no-cache | tee "$OUT/eval.txt"
 grep -q "0 failed" "$OUT/eval.txt" && echo "ok: every reply parsed"
 
-echo "== 2. p -> w -> p on vLLM (Iris, tiny budget): the weight step's adapter is served by the running engine"
-tandem -v optimize --task iris --model "$MODEL" --engine vllm --device cuda --dtype bfloat16 --strategy "p -> w -> p" \
+echo "== 2. p -> w -> p on vLLM (Iris, tiny budget, --engine and --device auto): the weight step trains on the GPU"
+echo "   while vLLM sleeps, and its adapter is served by the running engine"
+tandem -v optimize --task iris --model "$MODEL" --strategy "p -> w -> p" \
     --budget tiny --run-dir "$OUT/iris" --no-cache 2>&1 | tee "$OUT/optimize.txt"
+grep -q '"device": "cuda"' "$OUT/iris/config.json" && echo "ok: the run trained and served on cuda"
+grep "vLLM sleeps while the weight step trains" "$OUT/optimize.txt" && echo "ok: vLLM slept while training"
 grep -q "serving adapter" "$OUT/optimize.txt" && echo "ok: adapter served without a restart"
 
 echo "== 3. the same model behind vLLM's OpenAI-compatible server, an adapter loaded at runtime"

@@ -193,7 +193,12 @@ class VLLMEngine:
             raise UsageError(f"LoRA rank {settings.rank} is above the {self.max_lora_rank} this vLLM engine was started "
                              "with; start it with the rank the weight steps use (--rank)")
         if self.sleeps:
+            import torch
+
+            free = torch.cuda.mem_get_info()[0]
             self.llm.sleep(level=1)
+            log.info("vLLM sleeps while the weight step trains: %.1f GB of GPU memory freed",
+                     (torch.cuda.mem_get_info()[0] - free) / 2**30)
         try:
             if self._trainer is None:
                 self._trainer = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype).to(self.device)
