@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, TandemError, UsageError
+from .lm import honest_generation
 from .lm.models import cache_root
 from .settings import (
     BUDGETS, DataSettings, EngineSettings, GenerationSettings, JobSettings, OptimizeSettings, add_arguments, flag_of,
@@ -158,12 +159,6 @@ def _lm(args, engine: EngineSettings, lora_rank: int = 16):
     return load_lm(args.model, cache=cache, lora_rank=lora_rank, **options)
 
 
-def _honest(lm, generation: GenerationSettings) -> GenerationSettings:
-    """Constrained decoding off, said once, where the engine cannot constrain (a server that ignores grammars)."""
-    from .lm import honest_generation
-
-    return honest_generation(lm, generation)
-
 
 def _decoding(generation: GenerationSettings) -> str:
     return "constrained" if generation.constrained else "free"
@@ -178,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     program = _program(task, args)
     examples = task.split(args.split)[: args.limit]
     lm = _lm(args, engine)
-    generation = _honest(lm, generation)
+    generation = honest_generation(lm, generation)
     result = evaluate(program, lm, examples, task.metric, generation, max_errors=args.max_errors,
                       desc=f"{task.name}/{args.split}")
     print(f"{task.name} {args.split} ({_decoding(generation)}): {result.summary()}")
@@ -251,7 +246,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
-    job = replace(job, optimize=replace(job.optimize, generation=_honest(lm, job.optimize.generation)))
+    job = replace(job, optimize=replace(job.optimize, generation=honest_generation(lm, job.optimize.generation)))
     result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, job.optimize,
                              run_dir=run_dir, report_metrics=task.report_metrics,
                              config={"task": task.name, "task_source": task.source, "model": args.model,
@@ -350,7 +345,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 except ValueError as exc:  # json.JSONDecodeError is a ValueError
                     lines.append((n, exc))
     lm = _lm(args, engine)
-    generation = _honest(lm, generation)
+    generation = honest_generation(lm, generation)
 
     def answer(item) -> dict:
         n, inputs = item

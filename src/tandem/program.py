@@ -164,16 +164,14 @@ class Predict(Module):
             entry.outputs = parse_reply(self.signature, entry.reply)
             if self.rationale:
                 check_reasoning(fields[self.rationale], entry.outputs[self.rationale])
-        except ParseError as exc:
-            if completion.finish_reason == "length" and exc.missing:  # it was cut: say so, not "no field"
-                exc = Truncated(limit, fields[exc.missing[0]].label, entry.reply, inside=isinstance(exc, Invalid))
-            elif exc.missing == (self.rationale,):  # the answer came without a chain of thought
-                exc = NoReasoning(f"reply has no {fields[self.rationale].label} field: {entry.reply[:200]!r}")
+        except ModelOutputError as exc:
+            missing = exc.missing if isinstance(exc, ParseError) else ()
+            if completion.finish_reason == "length" and missing:  # it was cut: say so, not "no field"
+                exc = Truncated(limit, fields[missing[0]].label, entry.reply, inside=isinstance(exc, Invalid))
+            elif missing == (self.rationale,):  # the answer came without a chain of thought
+                exc = NoReasoning(f"reply has no {fields[self.rationale].label}: {entry.reply[:200]!r}")
             entry.error = f"{exc.kind}: {exc}"
             raise exc from None
-        except NoReasoning as exc:
-            entry.error = f"{exc.kind}: {exc}"
-            raise
         return Prediction(entry.outputs)
 
     def get_state(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import EngineError
 from .base import VALUE_TOKENS, ReplyFormat
+from .grammar import choice_variants
 
 LATER_TEXT_TOKENS = 24  # room kept for a free-text field that comes after another one (a short answer)
 
@@ -124,7 +125,7 @@ class Budget:
 
     def _value_cost(self, f) -> int:
         if f.type == "choice":  # a space, then at worst one letter a token until one choice is left
-            variants = [v for c in f.choices for v in dict.fromkeys((c, c[:1].upper() + c[1:]))]
+            variants = choice_variants(f)
             if not self.jump_forward:
                 return 1 + max(len(v) for v in variants)
 
@@ -223,14 +224,13 @@ class PhasedReply:
         self.field += 1
         self.finish = "stop"
 
-
     def _whole_choice(self, text: str) -> bool:
         """Whether `text` completes the last field's choice, so that nothing more could follow."""
         fmt = self.request.format
         f = fmt.fields[self.field] if fmt is not None else None
         if f is None or f.type != "choice":
             return False
-        variants = [v for c in f.choices for v in (c, c[:1].upper() + c[1:])]
+        variants = choice_variants(f)
         value = text.strip()
         return value in variants and not any(v != value and v.startswith(value) for v in variants)
 

@@ -97,10 +97,14 @@ def free_text_rules(labels: tuple[str, ...]) -> list[str]:
     return rules
 
 
+def choice_variants(f: "FieldFormat") -> list[str]:
+    """How the grammar lets a choice be written: as declared, or with a capital first letter."""
+    return list(dict.fromkeys(v for c in f.choices for v in (c, c[:1].upper() + c[1:])))
+
+
 def value_rule(f: "FieldFormat") -> str:
     if f.type == "choice":
-        variants = dict.fromkeys(v for c in f.choices for v in (c, c[:1].upper() + c[1:]))
-        return " | ".join(literal(v) for v in variants)
+        return " | ".join(literal(v) for v in choice_variants(f))
     if f.type in NUMBERS:
         return NUMBERS[f.type]
     return "rest" if f.optional else "[^\\n \\t] rest"

@@ -79,7 +79,7 @@ class OpenAIEngine:
         self._trainer = None
         self._tokenizer = None
         self._budgets: Budget | bool | None = None
-        self._budget_lock = threading.Lock()
+        self._setup_lock = threading.Lock()  # the grammar probe and the tokenizer are each found once
         self._grammar_field: object = _UNKNOWN
 
     def describe(self) -> dict[str, str]:
@@ -101,7 +101,7 @@ class OpenAIEngine:
     def _grammar(self) -> str | None:
         """The request field through which the server honours a grammar, found once with a grammar
         that allows one string; None (said in one line) if it ignores every one it was offered."""
-        with self._budget_lock:
+        with self._setup_lock:
             if self._grammar_field is _UNKNOWN:
                 self._grammar_field = next((f for f in GRAMMAR_FIELDS if self._honours(f)), None)
                 if self._grammar_field is None:
@@ -187,7 +187,7 @@ class OpenAIEngine:
     def _budget(self) -> Budget | None:
         """Token costs of reply formats, from the model's own tokenizer where it can be found here;
         without one, a constrained reply is one request and its free text is not bounded."""
-        with self._budget_lock:  # the pool's threads ask at once; transformers' lazy imports are not thread-safe
+        with self._setup_lock:  # the pool's threads ask at once; transformers' lazy imports are not thread-safe
             return self._make_budget()
 
     def _make_budget(self) -> Budget | None:
