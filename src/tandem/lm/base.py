@@ -92,17 +92,12 @@ def sampling_seed(request: "Request", *more: object, bits: int = 63) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << bits) - 1)
 
 
-def eos_ids(tokenizer, model_path: str | None = None) -> list[int]:
-    """The tokens that end a reply: the tokenizer's end of sequence and the model's generation config's."""
+def eos_ids(tokenizer, *more: int | Sequence[int] | None) -> list[int]:
+    """The tokens that end a reply: the tokenizer's end of sequence and `more` (a generation config's
+    `eos_token_id`, which may be a list; a pad token that stands for it). Every engine asks here."""
     ids = [tokenizer.eos_token_id]
-    if model_path:
-        from transformers import GenerationConfig
-
-        try:
-            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-        except OSError:  # no generation_config.json: the tokenizer's is the one
-            eos = None
-        ids += eos if isinstance(eos, list) else [eos]
+    for extra in more:
+        ids += list(extra) if isinstance(extra, (list, tuple)) else [extra]
     return [i for i in dict.fromkeys(ids) if i is not None]
 
 

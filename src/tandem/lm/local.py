@@ -23,7 +23,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
 from .base import (
-    DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, sampling_seed,
+    DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, eos_ids,
+    sampling_seed,
 )
 from .batching import Cancelled, DynamicBatcher
 from .models import ModelNotFoundError, resolve_model
@@ -453,6 +454,4 @@ class LocalLM:
             next_pos = next_pos + 1
 
     def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        ids = eos if isinstance(eos, list) else [eos]
-        return [i for i in ids + [self.tokenizer.eos_token_id, self.tokenizer.pad_token_id] if i is not None]
+        return eos_ids(self.tokenizer, self.model.generation_config.eos_token_id, self.tokenizer.pad_token_id)

@@ -82,6 +82,16 @@ def lora_rank_slot(rank: int) -> int:
     return next((r for r in LORA_RANKS if r >= rank), rank)
 
 
+def generation_eos(path: str) -> int | list[int] | None:
+    """The end-of-sequence token(s) of the model's generation_config.json, if it has one."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's is the one
+        return None
+
+
 class VLLMEngine:
     """One model on vLLM's in-process engine, behind tandem's LM protocol."""
 
@@ -133,7 +143,7 @@ class VLLMEngine:
         self.fingerprint = f"{self.name}|{dtype_name}|vllm"
         self.usage = Usage()
         self.budget = Budget(self.tokenizer, jump_forward=False)
-        self._eos = set(eos_ids(self.tokenizer, path))
+        self._eos = set(eos_ids(self.tokenizer, generation_eos(path)))
         self._loras: dict[tuple[str, float], object] = {}
         self._trainer = None  # a Hugging Face copy of the model, made at the first weight step
         self._batcher = DynamicBatcher(self._run_batch, max_batch=max_batch, max_wait=max_wait)
