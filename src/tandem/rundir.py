@@ -62,28 +62,31 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
 
 
+def recorded(run_dir: str | Path) -> dict[str, Any] | None:
+    """The configuration a run folder recorded (config.json); None for a new folder."""
+    path = Path(run_dir) / CONFIG
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def read_settings(run_dir: str | Path, cls: type) -> Any | None:
     """The settings a run folder recorded, rebuilt as `cls` through `settings.from_dict` (so a
     hand-edited bad value is refused naming its field); None for a new folder."""
     from .settings import from_dict
 
-    path = Path(run_dir) / CONFIG
-    if not path.exists():
-        return None
-    return from_dict(cls, json.loads(path.read_text(encoding="utf-8"))["settings"], "settings.")
+    config = recorded(run_dir)
+    return None if config is None else from_dict(cls, config["settings"], "settings.")
 
 
 def recorded_lm(run_dir: str | Path) -> dict[str, Any]:
     """The engine a run folder recorded (`describe_lm`: engine, model, dtype chosen); {} for a new folder."""
-    path = Path(run_dir) / CONFIG
-    return json.loads(path.read_text(encoding="utf-8")).get("lm", {}) if path.exists() else {}
+    return (recorded(run_dir) or {}).get("lm", {})
 
 
 def check(run_dir: str | Path, config: Mapping[str, Any]) -> None:
     """Refuse `run_dir` if it holds another configuration."""
-    path = Path(run_dir) / CONFIG
-    if path.exists():
-        refuse_changes(run_dir, json.loads(path.read_text(encoding="utf-8")), config)
+    old = recorded(run_dir)
+    if old is not None:
+        refuse_changes(run_dir, old, config)
 
 
 def refuse_changes(run_dir: str | Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
