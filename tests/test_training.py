@@ -1,6 +1,7 @@
 """LoRA fine-tuning through the real peft path on the tiny local model."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -79,9 +80,12 @@ def test_lora_settings_name_the_bad_field():
 
 def test_a_handful_of_examples_still_gets_several_optimizer_steps(tiny_model_dir, tmp_path):
     lm = LocalLM(tiny_model_dir, dtype="float32")
-    settings = LoraSettings(epochs=2, batch_size=8, micro_batch_size=1)
+    settings = LoraSettings(epochs=2, batch_size=8, micro_batch_size=1, min_steps=1)
     report = lm.finetune(conversations()[:3], tmp_path / "adapter", settings, progress=False)
     assert report.steps == 6  # batch shrinks to 1 for 3 examples: 3 steps an epoch, not one step in all
+    # 4 calls make 2 steps an epoch (batch 2): min_steps repeats the data, whole epochs, until 7 steps are made
+    report = lm.finetune(conversations()[:4], tmp_path / "more", replace(settings, min_steps=7), progress=False)
+    assert (report.epochs, report.steps) == (4, 8)
     lm.close()
 
 
@@ -113,7 +117,7 @@ def test_the_loop_makes_exactly_the_optimizer_steps_it_reports(tiny_model_dir, t
     lm = LocalLM(tiny_model_dir, dtype="float32")
     rng_before = torch.get_rng_state()
     try:
-        settings = LoraSettings(epochs=3, batch_size=4, micro_batch_size=2)  # 8 calls: 2 steps an epoch
+        settings = LoraSettings(epochs=3, batch_size=4, micro_batch_size=2, min_steps=1)  # 8 calls: 2 steps an epoch
         report = lm.finetune(conversations(), tmp_path / "adapter", settings, progress=False)
     finally:
         handle.remove()
@@ -149,7 +153,7 @@ def test_training_under_a_launcher_runs_data_parallel_and_the_engine_serves_it(t
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"Answer: {i}"}]}
             for i in range(8)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    settings = LoraSettings(rank=4, alpha=8, epochs=2, batch_size=4)
+    settings = LoraSettings(rank=4, alpha=8, epochs=2, batch_size=4, min_steps=1)
     report = launch(f"{sys.executable} -m torch.distributed.run --nproc-per-node 2", tiny_model_dir, "float32",
                     tmp_path / "train.jsonl", tmp_path / "adapter", settings)
     # 8 calls, 2 processes: 4 micro-batches each per epoch, 2 per optimizer step -> 2 steps an epoch

@@ -69,6 +69,29 @@ def test_seeds_and_stops_hold_per_request(engine):
 IRIS = ChainOfThought("petal_length, petal_width -> species: setosa|versicolor|virginica")
 
 
+def test_an_r_step_serves_each_rounds_adapter_on_the_running_engine(engine, local, tmp_path):
+    """Policy optimization on vLLM: rollouts through the engine, updates on its Hugging Face copy, and
+    every round's adapter served by a new LoRARequest, without a restart; replies equal peft's."""
+    from test_policy import Classify, flowers
+
+    from tandem.optimizers.policy import policy_optimize
+    from tandem.settings import GenerationSettings, LoraSettings, PolicySettings
+
+    generation = GenerationSettings(max_new_tokens=24, constrained=True)
+    settings = PolicySettings(rounds=2, round_examples=2, group_size=4, policy_learning_rate=1e-2)
+    result = policy_optimize(Classify(), engine, flowers("train", 4), flowers("val", 2),
+                             lambda e, p: float(len(p.reasoning) % 2 == 0), settings, LoraSettings(rank=4, alpha=8),
+                             out_dir=tmp_path, generation=generation, progress=False)
+    trained = [r for r in result.rounds if r.calls]
+    assert trained, f"the tiny model's sampled species should differ within some group: {result.rounds}"
+    served = {key[0] for key in engine._loras}
+    for r in trained:
+        adapter = str((tmp_path / r.adapter).resolve())
+        assert adapter in served
+        request = chat(PROMPTS[1], adapter=adapter)
+        assert engine.generate([request])[0].text == local.generate([request])[0].text
+
+
 def iris_requests(limit: int, n: int = 6) -> list[Request]:
     """Sampled Iris requests whose reasoning may be empty: at 12 tokens nothing more than the species fits."""
     fmt = reply_format(IRIS.signature, optional=("reasoning",))
@@ -111,47 +134,6 @@ def test_constrained_replies_parse_on_sentencepiece_and_bytelevel_tokenizers(req
 
 
 # -- the OpenAI-compatible engine against a real vLLM server on 127.0.0.1 ---------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tiny_vllm_model_dir, tmp_path_factory):
-    """vLLM's OpenAI-compatible server on a free port, runtime adapter loading on; stopped afterwards."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    from tandem.lm.vllm import cpu_environment
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, **cpu_environment(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_vllm_model_dir, "--host",
-         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enable-lora",
-         "--max-lora-rank", "16", "--gpu-memory-utilization", "0.25", "--enforce-eager"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vLLM server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail(f"vLLM server did not come up in 300 s: {log.read_text()[-2000:]}")
-    yield url
-    process.terminate()
-    process.wait(timeout=60)
 
 
 def test_openai_engine_replies_like_the_local_engine(server, local, tiny_vllm_model_dir):
@@ -212,6 +194,58 @@ class _AlwaysParses:
         return [Completion("Reply: " + c.text.replace("\n", " ")) for c in self.engine.generate(requests)]
 
 
+def test_a_g_step_reflects_with_the_model_behind_a_server(server, tiny_vllm_model_dir, cache_dir, tmp_path):
+    """`--reflection-engine openai`: the task runs on tandem's engine, the reflection LM on the vLLM
+    server; config.json and the report name the server's model."""
+    import json
+
+    from test_cli import tandem
+
+    run_dir = tmp_path / "run"
+    out = tandem("optimize", "--task", "iris", "--model", tiny_vllm_model_dir, "--engine", "transformers",
+                 "--strategy", "g", "--run-dir", str(run_dir), "--train-size", "3", "--val-size", "2", "--test-size",
+                 "2", "--max-new-tokens", "6", "--threads", "4", "--max-metric-calls", "10",
+                 "--reflection-minibatch-size", "2", "--reflection-max-tokens", "16", "--reflection-model",
+                 tiny_vllm_model_dir, "--reflection-engine", "openai", "--reflection-base-url", server,
+                 env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
+    assert out.returncode == 0, out.stderr
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["lm"]["engine"] == "transformers"
+    assert config["reflection_lm"]["engine"] == "openai" and config["reflection_lm"]["base_url"] == server
+    journal = [json.loads(line) for line in (run_dir / "g" / "journal.jsonl").read_text().splitlines()]
+    assert [row for row in journal if row["kind"] == "reflection"]  # the server wrote the proposals
+    assert "on openai (another model)" in (run_dir / "report-g.md").read_text(encoding="utf-8")
+
+
+def test_a_served_model_name_apart_from_the_weights(server, local, tiny_vllm_model_dir, tmp_path):
+    """vLLM's --served-model-name: requests ask for the served name, while a weight step trains and the
+    tokenizer reads the weights --model names; a name the server does not serve is one line naming those
+    it does, with the weights behind each."""
+    import re
+
+    from conftest import SERVED_NAME
+
+    from tandem.errors import UsageError
+    from tandem.lm import load_lm
+    from tandem.lm.openai_server import OpenAIEngine
+    from tandem.settings import LoraSettings
+
+    engine = load_lm(tiny_vllm_model_dir, engine="openai", base_url=server, served_model_name=SERVED_NAME)
+    record = engine.describe()
+    assert record["served_model_name"] == SERVED_NAME and record["model"] == tiny_vllm_model_dir
+    assert record["decoding"].startswith("phased-v")  # the weights' tokenizer prices the phases
+    adapter = tmp_path / "adapter"
+    engine.finetune([[{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Reply: ok"}]],
+                    adapter, LoraSettings(rank=4, alpha=8, epochs=1), progress=False)
+    tuned = chat(PROMPTS[1], adapter=str(adapter))
+    assert engine.generate([tuned])[0].text == local.generate([tuned])[0].text
+    with pytest.raises(UsageError, match=rf"serves .*'{SERVED_NAME}' \(weights {re.escape(tiny_vllm_model_dir)}\)"
+                                         r"( and \d+ adapters?)?, not 'qwen' \(--served-model-name names the server's"):
+        OpenAIEngine(tiny_vllm_model_dir, server, served_model_name="qwen")
+    with pytest.raises(UsageError, match="--served-model-name names a model on a server: it goes with --engine openai"):
+        load_lm(tiny_vllm_model_dir, engine="transformers", served_model_name=SERVED_NAME)
+
+
 def test_an_unreachable_server_is_one_clear_error():
     from tandem.errors import EngineError
     from tandem.lm.openai_server import OpenAIEngine
@@ -228,6 +262,7 @@ def test_a_server_that_cannot_load_adapters_stops_the_weight_step_before_trainin
 
     from tandem.errors import UsageError
     from tandem.lm.openai_server import OpenAIEngine
+    from tandem.settings import LoraSettings, PolicySettings
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -249,6 +284,8 @@ def test_a_server_that_cannot_load_adapters_stops_the_weight_step_before_trainin
     engine = OpenAIEngine("m", f"http://127.0.0.1:{httpd.server_port}/v1", max_retries=0)
     with pytest.raises(UsageError, match="cannot load adapters at runtime: start vLLM's server with "
                                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
-        engine.finetune([], tmp_path / "adapter", None)
-    assert not (tmp_path / "adapter").exists() and engine._trainer is None
+        engine.finetune([], tmp_path / "adapter", LoraSettings())
+    with pytest.raises(UsageError, match="cannot load adapters at runtime"):  # an r step's update alike
+        engine.train_policy([], None, tmp_path / "round", LoraSettings(), PolicySettings())
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "round").exists() and engine._trainer is None
     httpd.shutdown()

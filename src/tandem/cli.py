@@ -15,8 +15,8 @@ from .errors import ConfigError, TandemError, UsageError
 from .lm import honest_generation
 from .lm.models import cache_root
 from .settings import (
-    BUDGETS, DataSettings, EngineSettings, GenerationSettings, JobSettings, OptimizeSettings, add_arguments, flag_of,
-    overrides_from_args, resolve_budget, to_dict, with_overrides,
+    BUDGETS, ENGINES, DataSettings, EngineSettings, GenerationSettings, JobSettings, OptimizeSettings, add_arguments,
+    flag_of, overrides_from_args, resolve_budget, to_dict, with_overrides,
 )
 from .tasks import LOADERS, data_task, load_task
 from .tasks.custom import PROGRAMS
@@ -75,6 +75,12 @@ def _add_job(p: argparse.ArgumentParser, budget_default: str | None) -> None:
     add_arguments(p, DataSettings, "data")
     add_arguments(p, OptimizeSettings, "optimizers (Π: prompts, Θ: weights, and sampling)")
     add_arguments(p, EngineSettings, "engine")
+    g = p.add_argument_group("the reflection LM of g steps (default: the task's own LM)")
+    g.add_argument("--reflection-model", metavar="MODEL", help="the model that reads traces and writes instructions: "
+                   "an alias, a folder, a .gguf file or a hub id (default: --model)")
+    g.add_argument("--reflection-engine", choices=ENGINES, help="its engine (default: --engine)")
+    g.add_argument("--reflection-base-url", metavar="URL",
+                   help="its server, for --reflection-engine openai (default: --base-url)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,14 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="run a BetterTogether strategy and keep the best step")
     _add_common(p)
-    p.add_argument("--strategy", default="p -> w -> p", help="p (prompts), w (weights, the paper's) and w+ (weights, extended) steps joined by '->'")
+    p.add_argument("--strategy", default="p -> w -> p", help="steps joined by '->': p (demos), g (instructions, "
+                   "GEPA), w (weights, the paper's), w+ (weights, extended), r (policy optimization)")
     _add_job(p, budget_default=None)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("experiment", help="the paper's grid: strategies x seeds, with a report and charts")
     _add_common(p)
     p.add_argument("--strategies", default="all", help="a comma list of groups ('all': the paper's rows, 'extended': "
-                   "the Θ+ rows), labels or strategies: vanilla, p, w, p -> w, p -> w+, ...")
+                   "the Θ+ rows, 'policy': the R rows, 'reflect': the G rows), labels or strategies: vanilla, p, g, "
+                   "w, p -> w, g -> w -> g, ...")
     p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on; cells report mean ± std")
     _add_job(p, budget_default="tiny")
     p.set_defaults(func=cmd_experiment)
@@ -118,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a folder `tandem optimize` wrote")
     p.add_argument("--step", default="best", help="best (by val) or a step's prefix such as p-w (default: best)")
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    p.add_argument("--format", default="tandem", choices=("tandem", "dspy"),
+                   help="tandem: for `tandem run` and load_program; dspy: program.json as DSPy's Program.load reads "
+                        "it, for the DSPy program with the same modules (its README shows it), plus the adapter "
+                        "(default: tandem)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="answer inputs with an exported program: one JSON object, or JSON Lines on stdin")
@@ -151,12 +163,32 @@ def _program(task, args):
     return program.load(args.state) if args.state else program
 
 
-def _lm(args, engine: EngineSettings, lora_rank: int = 16):
+def _lm(args, engine: EngineSettings, lora_rank: int = 16, model: str | None = None):
     from .lm import load_lm
 
     cache = str(cache_root() / "calls.sqlite") if engine.cache else None
     options = {k: v for k, v in to_dict(engine).items() if k != "cache"}
-    return load_lm(args.model, cache=cache, lora_rank=lora_rank, **options)
+    return load_lm(model or args.model, cache=cache, lora_rank=lora_rank, **options)
+
+
+def _reflection_lm(args, engine: EngineSettings, reflects: bool):
+    """The LM g steps reflect with, loaded only where a step reflects: --reflection-model on
+    --reflection-engine at --reflection-base-url, each defaulting to the task's; None (no flag): the
+    task's own LM, not loaded twice."""
+    given = [name for name in ("reflection_model", "reflection_engine", "reflection_base_url") if getattr(args, name)]
+    if not given:
+        return None
+    if not reflects:
+        log.warning("--%s is not used: no step of the strategy reflects (g)", given[0].replace("_", "-"))
+        return None
+    kind = args.reflection_engine or engine.engine
+    # --served-model-name is the task model's name on its server: another model or server has its own.
+    same_server = kind == "openai" and args.reflection_model is None and args.reflection_base_url is None
+    settings = with_overrides(engine, {"engine": kind, "base_url": args.reflection_base_url or engine.base_url,
+                                       "served_model_name": engine.served_model_name if same_server else None})
+    if settings.engine == "openai" and not settings.base_url:
+        raise UsageError("--reflection-engine openai needs --reflection-base-url, e.g. http://127.0.0.1:8000/v1")
+    return _lm(args, settings, model=args.reflection_model)
 
 
 
@@ -237,7 +269,7 @@ def _job(args: argparse.Namespace) -> JobSettings:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from .optimizers import better_together, parse_strategy
-    from .optimizers.better_together import pretty, results_path
+    from .optimizers.better_together import KINDS, pretty, results_path
 
     steps = parse_strategy(args.strategy)
     job, engine = _job(args), _settings(EngineSettings, args)
@@ -245,16 +277,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     train, val, test = task.sized(job.data)
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
+    reflection_lm = _reflection_lm(args, engine, any(KINDS[s].reflects for s in steps))
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
     job = replace(job, optimize=replace(job.optimize, generation=honest_generation(lm, job.optimize.generation)))
     result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, job.optimize,
                              run_dir=run_dir, report_metrics=task.report_metrics,
                              config={"task": task.name, "task_source": task.source, "model": args.model,
-                                     "budget": args.budget})
+                                     "budget": args.budget}, reflection_lm=reflection_lm, feedback=task.feedback)
     print(f"{task.name} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test, "
           f"{_decoding(job.optimize.generation)} decoding)")
     print(result.table())
-    print(f"best program: {run_dir / result.best / 'program.json'}; all results: {results_path(run_dir, steps)}")
+    print(f"best program: {run_dir / result.best / 'program.json'}; all results: {results_path(run_dir, steps)}; "
+          f"report: {result.report}")
     return 0
 
 
@@ -286,6 +320,7 @@ def _resumed(run_dir: Path, engine: EngineSettings) -> EngineSettings:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import parse_strategies, run_grid, table, write_report
+    from .optimizers.better_together import KINDS, parse_strategy
 
     _check_positive(args, "seeds")
     strategies = parse_strategies(args.strategies)
@@ -293,10 +328,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     task = _task(args)
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
+    reflects = any(KINDS[s].reflects for strategy in strategies.values() if strategy for s in parse_strategy(strategy))
+    reflection_lm = _reflection_lm(args, engine, reflects)
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
     seeds = range(job.optimize.seed, job.optimize.seed + args.seeds)
     run_grid(task, _program(task, args), lm, strategies, seeds, job, run_dir,
-             config={"model": args.model, "budget": args.budget, "state": args.state, "task_source": task.source})
+             config={"model": args.model, "budget": args.budget, "state": args.state, "task_source": task.source},
+             reflection_lm=reflection_lm)
     report = write_report(run_dir)
     print(f"{task.name} on {args.model}, budget {args.budget}, {args.seeds} seed(s): test accuracy")
     print(table(run_dir))
@@ -307,7 +345,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
-    out = export(args.run_dir, args.out, args.step)
+    out = export(args.run_dir, args.out, args.step, args.format)
     print(f"exported {args.step} of {args.run_dir} to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 

@@ -28,6 +28,9 @@ from .settings import GenerationSettings
 log = logging.getLogger(__name__)
 
 Metric = Callable[[Example, Prediction], float]
+# What a reflection LM (g steps) reads about one run besides the score: `feedback(example, prediction,
+# trace)`, the prediction None where the run failed. A task may define one (Task.feedback).
+Feedback = Callable[[Example, Prediction | None, Sequence[TraceEntry]], str]
 
 
 METRIC_FAILURE = "metric could not score"
@@ -106,12 +109,15 @@ def evaluate(
     desc: str = "eval",
     seed: int | Sequence[int] = 0,
     hints: Callable[[Example], Mapping[str, Any]] | None = None,
+    on_result: Callable[[int, ExampleResult], None] | None = None,
 ) -> EvalResult:
     """Run `program` on every example (`generation.threads` at once) and score it with `metric`.
 
     `seed` (one, or one per example) tells sampled runs apart at temperature > 0, so the same
     example can be listed several times for several samples; `hints(example)` gives the correct
-    outputs shown to the modules (rationalization, in the weight step).
+    outputs shown to the modules (rationalization, in the weight step). `on_result(i, result)` is
+    called in this thread as each example finishes, so a caller can keep what is done (a g step's
+    journal) even if the evaluation is stopped before its end.
     """
     seeds = [seed] * len(examples) if isinstance(seed, int) else list(seed)
     if len(seeds) != len(examples):
@@ -151,6 +157,8 @@ def evaluate(
             for fut in as_completed(futures):
                 result = fut.result()
                 results[futures[fut]] = result
+                if on_result is not None:
+                    on_result(futures[fut], result)
                 correct += result.score
                 finished += 1
                 if result.error:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 from .evaluate import describe_failures
 from .lm import honest_generation
 from .lm.base import LM
-from .optimizers.better_together import better_together, parse_strategy
+from .optimizers.better_together import KINDS, better_together, label, parse_strategy
 from .program import Program
 from .rundir import claim, describe_lm
 from .settings import BUDGETS, JobSettings, resolve_budget, to_dict
@@ -40,17 +40,22 @@ STRATEGIES = {
 }
 # Beyond the paper: the same rows with the extended weight step (w+), to compare side by side.
 EXTENDED = {"Θ+": "w+", "Π→Θ+": "p -> w+", "Π→Θ+→Π": "p -> w+ -> p"}
-GROUPS = {"all": STRATEGIES, "extended": EXTENDED}
-# Report rows: the paper's order, each extended row beside its paper twin.
-ORDER = ["vanilla", "Π", "Θ", "Θ+", "Π→Θ", "Π→Θ+", "Θ→Π", "Π→Θ→Π", "Π→Θ+→Π", "Π→Π", "Θ→Θ"]
+# ... and with policy optimization over program runs (r).
+POLICY = {"R": "r", "Π→R": "p -> r", "Π→R→Π": "p -> r -> p"}
+# ... and with instructions evolved by GEPA (g), alone and composed with demos and weights.
+REFLECT = {"G": "g", "G→Π": "g -> p", "Π→G": "p -> g", "G→Θ→G": "g -> w -> g", "Π→Θ→G": "p -> w -> g"}
+GROUPS = {"all": STRATEGIES, "extended": EXTENDED, "policy": POLICY, "reflect": REFLECT}
+# Report rows: the paper's order, each extended, policy or reflect row beside its paper twin; other rows follow.
+ORDER = ["vanilla", "Π", "G", "Θ", "Θ+", "R", "Π→Θ", "Π→Θ+", "Π→R", "Θ→Π", "G→Π", "Π→G", "Π→Θ→Π", "Π→Θ+→Π",
+         "Π→R→Π", "G→Θ→G", "Π→Θ→G", "Π→Π", "Θ→Θ"]
 
 
 def parse_strategies(text: str) -> dict[str, str]:
-    """A comma-separated list of groups (`all`: the paper's rows, `extended`: the Θ+ rows), labels
-    (`Π→Θ+`) or strategies (`vanilla, p -> w`)."""
+    """A comma-separated list of groups (`all`: the paper's rows, `extended`: the Θ+ rows, `policy`:
+    the R rows, `reflect`: the G rows), labels (`Π→Θ+`) or strategies (`vanilla, p -> w`); a strategy's
+    row is its label (`p -> r -> p` is Π→R→Π)."""
     chosen = {}
-    labels = {**STRATEGIES, **EXTENDED}
-    by_strategy = {v: k for k, v in labels.items()}
+    labels = {k: v for group in GROUPS.values() for k, v in group.items()}
     for part in (p.strip() for p in text.split(",")):
         if part in GROUPS:
             chosen.update(GROUPS[part])
@@ -59,8 +64,8 @@ def parse_strategies(text: str) -> dict[str, str]:
         elif part in ("vanilla", "zero-shot"):
             chosen["vanilla"] = ""
         else:
-            steps = " -> ".join(parse_strategy(part))
-            chosen[by_strategy.get(steps, steps)] = steps
+            steps = parse_strategy(part)
+            chosen[label(steps)] = " -> ".join(steps)
     return chosen
 
 
@@ -89,16 +94,19 @@ def run_grid(
     run_dir: str | Path,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
+    reflection_lm: LM | None = None,
 ) -> list[Cell]:
     """Every strategy for every seed; returns this call's cells and merges them into cells.json.
 
     The folder holds one configuration (refused otherwise, naming the field); more seeds or
-    strategies extend it.
+    strategies extend it. `reflection_lm`: the LM g steps reflect with (default: `lm`).
     """
     run_dir = Path(run_dir)
     job = replace(job, optimize=replace(job.optimize, generation=honest_generation(lm, job.optimize.generation)))
+    reflects = any(KINDS[s].reflects for strategy in strategies.values() if strategy for s in parse_strategy(strategy))
     claim(run_dir, {**(config or {}), "task": task.name, "lm": describe_lm(lm), "settings": to_dict(job),
-                    "strategies": list(strategies.values()), "seeds": list(seeds)})
+                    "strategies": list(strategies.values()), "seeds": list(seeds),
+                    **({"reflection_lm": describe_lm(reflection_lm or lm)} if reflects else {})})
     train, val, test = task.sized(job.data)
     cells = []
     for seed in seeds:
@@ -108,7 +116,8 @@ def run_grid(
             log.info("seed %d, %s", seed, label)
             result = better_together(program, lm, steps, train, val, test, task.metric, settings,
                                      run_dir=run_dir / f"seed-{seed}", progress=progress,
-                                     report_metrics=task.report_metrics, config={"task": task.name})
+                                     report_metrics=task.report_metrics, config={"task": task.name},
+                                     reflection_lm=reflection_lm, feedback=task.feedback)
             last = result.steps[-1]
             cells.append(Cell(task.name, label, seed, last.val, last.test, last.seconds,
                               sum(s.seconds for s in result.steps), "; ".join(last.details.get("notes", [])),
@@ -242,6 +251,7 @@ def write_report(run_dir: str | Path) -> Path:
                     _failed(r, test_size), r["seeds"], f"{r['seconds']:.0f}", "; ".join(r["notes"])]
             lines.append("| " + " | ".join(map(str, cols)) + " |")
         lines.append("")
+        lines += rounds_section(run_dir, task)
     lines += ["## Settings", "", "```json", json.dumps(config, indent=1, ensure_ascii=False), "```", "",
               "Cells: `cells.csv` and `cells.json` (one row per strategy and seed). The time of a cell is its own",
               "last step; steps shared with a shorter strategy are counted once, where they were computed.",
@@ -253,8 +263,42 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+def rounds_section(run_dir: Path, task: str) -> list[str]:
+    """Val and mean sampled reward per round of every r step in the grid (one line each per seed), as
+    one chart: where policy optimization moved the program, and where it only sampled."""
+    from .report import line_chart
+
+    steps = []
+    for marker in sorted(run_dir.glob("seed-*/*/step.json")):
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        if record.get("kind") == "r" and record.get("details", {}).get("rounds"):
+            steps.append((marker.parent.parent.name, record["prefix"], record["details"]))
+    if not steps:
+        return []
+    series: dict[str, list[float | None]] = {}
+    longest = max(len(d["rounds"]) for _, _, d in steps)
+    for seed, prefix, details in steps:
+        name = f"{label(prefix.split('-'))}, {seed}"
+        by_round = {r["round"]: r for r in details["rounds"]}
+        series[f"val: {name}"] = [details.get("start_val")] + [by_round.get(k, {}).get("val") for k in range(1, longest + 1)]
+        series[f"reward: {name}"] = [None] + [by_round[k]["reward_mean"] if k in by_round else None
+                                             for k in range(1, longest + 1)]
+    chart = line_chart(run_dir / f"{task}-rounds.png", f"{task}: r steps, val (greedy) and mean reward of sampled "
+                       "runs per round", list(range(longest + 1)), series, "round (0: the step's start)", "%")
+    lines = ["### r steps, round by round", "", f"![{task} rounds]({chart.name})", "",
+             "| step | seed | kept round | val by round | reward by round | groups skipped |", "|---|---|---|---|---|---|"]
+    for seed, prefix, details in steps:
+        vals = " → ".join("-" if v is None else f"{v:.0f}" for v in
+                          [details.get("start_val")] + [r["val"] for r in details["rounds"]])
+        rewards = " → ".join(f"{r['reward_mean']:.0f}" for r in details["rounds"])
+        lines.append(f"| {label(prefix.split('-'))} | {seed} | {details.get('best_round')} | {vals} | {rewards} | "
+                     f"{details.get('skipped_groups')}/{details.get('groups')} |")
+    return lines + [""]
+
+
 def _decoding(config: Mapping[str, Any]) -> str:
-    """One line on how replies were decoded and what the extended weight step (Θ+ rows) added."""
+    """One line on how replies were decoded, what the extended weight step (Θ+ rows) added and what reflected
+    for the G rows."""
     optimize = config.get("settings", {}).get("optimize", {})
     constrained = optimize.get("generation", {}).get("constrained")
     line = {True: "Decoding: constrained to each module's reply format (every field, typed values).",
@@ -264,6 +308,12 @@ def _decoding(config: Mapping[str, Any]) -> str:
         line += (f" Θ+ rows: the weight step adds {extended['samples']} sampled runs per example at temperature "
                  f"{extended['sample_temperature']}, rationalization {'on' if extended['rationalize'] else 'off'}, "
                  f"class balance {'on' if extended['balance'] else 'off'}; Θ rows are the paper's.")
+    reflector, reflection = config.get("reflection_lm"), optimize.get("reflection")
+    if reflector and reflection:
+        same = reflector == config.get("lm")
+        line += (f" G rows: GEPA evolves the instructions, {reflection['max_metric_calls']} metric calls per step, "
+                 f"the reflection LM {'the task model itself' if same else reflector.get('model', '?')}"
+                 f"{'' if same else ' on ' + str(reflector.get('engine', '?'))}.")
     return line
 
 

@@ -230,3 +230,35 @@ def placeholder_reply(messages: Sequence[Message], fmt: ReplyFormat | None = Non
     fmt_text = messages[0]["content"].split(FORMAT_HEADER, 1)[-1].split("\n\n", 1)[0]
     labels = [re.split(r" \(| - ", line[2:], maxsplit=1)[0] for line in fmt_text.splitlines() if line.startswith("- ")]
     return "\n".join(f"{label}: <{label.lower()}, as the model writes it>" for label in labels)
+
+
+def forced_spans(signature: Signature, reply: str) -> tuple[tuple[int, int], ...]:
+    """Where a constrained engine, not the model, wrote `reply`: (start, end) character spans.
+
+    Under the reply grammar (lm/grammar.py) each output field's label is fixed text, and a choice
+    is the model's only up to the first characters that tell it from the other choices ("s" of
+    "setosa" among setosa | versicolor | virginica); the rest of it is forced. Free text, numbers
+    and the line breaks that end a field are the model's.
+    """
+    from .lm.grammar import choice_variants
+
+    fmt = {f.label.lower(): f for f in reply_format(signature).fields}
+    matches = list(_label_pattern(signature.outputs).finditer(reply))
+    spans = []
+    for i, m in enumerate(matches):
+        spans.append((m.start(), m.end()))
+        f = fmt[m.group(1).lower()]
+        if f.type != "choice":
+            continue
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(reply)
+        value = reply[m.end():end].rstrip()
+        variants = choice_variants(f)
+        written = max((v for v in variants if value.startswith(v)), key=len, default=None)
+        if written is None:
+            continue
+        chosen = next(k for k in range(1, len(written) + 1)
+                      if not any(v != written and v.startswith(written[:k]) for v in variants)
+                      or k == len(written))
+        if chosen < len(written):
+            spans.append((m.end() + chosen, m.end() + len(written)))
+    return tuple(spans)

@@ -16,6 +16,9 @@ from .errors import UsageError
 CONFIG = "config.json"
 FREE = ("strategy", "strategies", "seeds")  # a folder may hold several strategies and seeds
 IGNORED = ("versions",)  # recorded, never compared: a library upgrade does not orphan a folder
+# Recorded by the strategies that use it (the reflection LM: g steps), compared only where both the folder
+# and the new run have it, and kept once recorded: a strategy without g steps neither sets nor checks it.
+OPTIONAL = ("reflection_lm",)
 
 
 def versions() -> dict[str, str]:
@@ -58,7 +61,8 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     a, b = _flat(old), _flat(new)
-    skip = lambda k: k.split(".")[0] in FREE + IGNORED  # noqa: E731
+    absent = tuple(k for k in OPTIONAL if k not in old or k not in new)
+    skip = lambda k: k.split(".")[0] in FREE + IGNORED + absent  # noqa: E731
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
 
 
@@ -102,7 +106,8 @@ def claim(run_dir: str | Path, config: Mapping[str, Any]) -> Path:
     path = run_dir / CONFIG
     check(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {**config, "versions": versions()}
+    old = recorded(run_dir) or {}
+    record = {**{k: old[k] for k in OPTIONAL if k in old}, **config, "versions": versions()}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)

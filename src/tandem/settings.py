@@ -97,6 +97,10 @@ class EngineSettings(Settings):
     eager: bool = setting(True, "vllm engine: no torch.compile or CUDA graphs (starts in seconds; turn off for long "
                                 "GPU runs)")
     concurrency: int = setting(32, "openai engine: requests in flight at once", ge=1)
+    served_model_name: str | None = setting(None, "openai engine: the name the server serves the model under (vLLM's "
+                                                  "--served-model-name); --model then names its weights, which weight "
+                                                  "steps train and whose tokenizer prices replies (unset: --model "
+                                                  "names both)")
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ class LoraSettings(Settings):
     warmup_ratio: float = setting(0.1, "share of optimizer steps spent warming the learning rate up", ge=0, lt=1)
     min_lr_ratio: float = setting(0.1, "the learning rate decays to this share of its peak at the last step", gt=0, lt=1)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    min_steps: int = setting(10, "fewest optimizer steps a weight step makes: small data is repeated (more epochs) "
+                                 "until it reaches them; the report says how many it made", ge=1)
     target_modules: str | tuple[str, ...] = setting("all-linear", "modules that get LoRA weights", cli=False)
     seed: int = setting(0, "initialisation and shuffling seed (set per step by the optimizer)", cli=False)
 
@@ -156,6 +162,43 @@ class WeightSettings(Settings):
 
 
 @dataclass(frozen=True)
+class PolicySettings(Settings):
+    """R (`r` in a strategy): group-relative policy optimization over whole program runs (mmGRPO).
+
+    The adapter's shape (rank, alpha, target modules, max length) is the weight steps' LoRA settings."""
+
+    rounds: int = setting(6, "r steps: rounds of sampling then updating", ge=1)
+    round_examples: int = setting(8, "r steps: training examples per round (cycled through the training set)", ge=1)
+    group_size: int = setting(4, "r steps: runs sampled per example; a group whose runs all score the same teaches "
+                                 "nothing and is skipped", ge=2)
+    rollout_temperature: float = setting(1.0, "r steps: sampling temperature of the runs", gt=0)
+    policy_learning_rate: float = setting(1e-4, "r steps: AdamW learning rate (constant)", gt=0, lt=1)
+    updates_per_round: int = setting(2, "r steps: optimizer steps per round; the round's calls are split among them, "
+                                        "so later steps are off-policy and the clip bounds them", ge=1)
+    clip_low: float = setting(0.2, "r steps: the probability ratio is clipped below at 1 - this", gt=0, lt=1)
+    clip_high: float = setting(0.28, "r steps: ... and above at 1 + this (DAPO's clip-higher)", gt=0)
+    kl_coef: float = setting(0.0, "r steps: weight of a KL penalty to the base model (the adapter switched off; "
+                                  "no second model); 0: none, as in Dr. GRPO and DAPO", ge=0)
+    scale_rewards: bool = setting(False, "r steps: divide advantages by the group's standard deviation (GRPO's "
+                                         "original); off: reward minus the group mean (Dr. GRPO)")
+    val_every: int = setting(1, "r steps: score val after every this many rounds (and after the last); the best "
+                                "round by val is kept", ge=1)
+
+
+@dataclass(frozen=True)
+class ReflectionSettings(Settings):
+    """G (`g` in a strategy): instruction evolution with GEPA, a reflection LM rewriting each module's
+    instructions from its traces and the metric's feedback."""
+
+    max_metric_calls: int = setting(400, "g steps: most program runs scored per step (GEPA's metric calls), the "
+                                         "starting instructions' val score included; never exceeded", ge=1)
+    reflection_minibatch_size: int = setting(3, "g steps: training examples the reflection LM reads per proposal; a "
+                                                "proposal must beat its parent on them to be scored on val", ge=1)
+    reflection_max_tokens: int = setting(512, "g steps: most tokens the reflection LM writes per proposal", ge=16)
+    reflection_temperature: float = setting(1.0, "g steps: sampling temperature of the reflection LM", ge=0)
+
+
+@dataclass(frozen=True)
 class OptimizeSettings(Settings):
     """A BetterTogether run: the optimizers' settings, how calls are sampled, and the seed."""
 
@@ -163,6 +206,8 @@ class OptimizeSettings(Settings):
     generation: GenerationSettings = setting(GenerationSettings(), "sampling")
     prompts: PromptSettings = setting(PromptSettings(), "prompt steps")
     weights: WeightSettings = setting(WeightSettings(), "weight steps")
+    policy: PolicySettings = setting(PolicySettings(), "policy optimization steps (r)")
+    reflection: ReflectionSettings = setting(ReflectionSettings(), "instruction evolution steps (g)")
 
 
 @dataclass(frozen=True)
@@ -189,12 +234,17 @@ class JobSettings(Settings):
 # (prompt optimization on 100 train / 250 val, Iris 15 / 35; LoRA rank 32, alpha 64, 5 epochs; free decoding).
 BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": dict(train_size=15, val_size=20, test_size=50, num_candidates=2, max_bootstrapped_demos=3,
-                 max_labeled_demos=3, epochs=2, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=96),
+                 max_labeled_demos=3, epochs=2, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=96,
+                 rounds=4, round_examples=6, group_size=8, policy_learning_rate=5e-4, val_every=2,
+                 max_metric_calls=46, reflection_max_tokens=128),
     "small": dict(train_size=50, val_size=50, test_size=100, num_candidates=4, max_bootstrapped_demos=3,
-                  max_labeled_demos=3, epochs=3, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=256),
+                  max_labeled_demos=3, epochs=3, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=256,
+                  rounds=8, round_examples=8, group_size=8, policy_learning_rate=2e-4, val_every=2,
+                  max_metric_calls=250, reflection_max_tokens=512),
     "paper": dict(train_size=100, val_size=250, test_size=1500, num_candidates=6, max_bootstrapped_demos=3,
                   max_labeled_demos=3, epochs=5, learning_rate=1e-4, rank=32, alpha=64, max_new_tokens=1024,
-                  constrained=False),
+                  constrained=False, rounds=20, round_examples=16, group_size=8, policy_learning_rate=5e-5,
+                  max_metric_calls=2000, reflection_max_tokens=1024),
 }
 PAPER_IRIS = {"train_size": 15, "val_size": 35}
 
@@ -329,7 +379,7 @@ def flag_of(cls: type, field_name: str) -> str:
 
 __all__ = [
     "setting", "validate", "GenerationSettings", "EngineSettings", "LoraSettings", "PromptSettings", "WeightSettings",
-    "ExtendedWeightSettings",
+    "ExtendedWeightSettings", "PolicySettings", "ReflectionSettings",
     "OptimizeSettings", "DataSettings", "JobSettings", "to_dict", "from_dict", "with_overrides", "add_arguments",
     "overrides_from_args", "flag_names", "BUDGETS", "resolve_budget",
 ]

@@ -168,3 +168,29 @@ class Usage:
             if not c.cached:
                 self.prompt_tokens += c.prompt_tokens
                 self.completion_tokens += c.completion_tokens
+
+
+class Trainable:
+    """Weight steps on an engine: `finetune` (w, w+) and `train_policy` (r) train one LoRA adapter with
+    peft, on the model the engine's `training(rank)` context lends (see lm/training.py); the engine then
+    serves the adapter by path. An engine writes only `training`: where the trainable model lives
+    (tandem's engine: the one it serves; vLLM and servers: a Hugging Face copy), and what must hold
+    while it trains (a lock, vLLM asleep, a server that can load the result)."""
+
+    def finetune(self, conversations, out_dir, settings, progress: bool = True):
+        """Train one LoRA adapter on chat examples; save it (PEFT, safetensors) to `out_dir`."""
+        from .training import train_lora
+
+        with self.training(settings.rank) as trainee:
+            report, trainee.model = train_lora(trainee.model, trainee.tokenizer, trainee.render, conversations, out_dir,
+                                               settings, progress=progress)
+        return report
+
+    def train_policy(self, calls, start, out_dir, lora, policy, progress: bool = True):
+        """One policy-gradient update of the adapter at `start` (None: a new one) on scored calls; the
+        result goes to `out_dir` (`out_dir/adapter`, and the optimizer's state beside it)."""
+        from .training import policy_update
+
+        with self.training(lora.rank) as trainee:
+            report, trainee.model = policy_update(trainee, calls, start, out_dir, lora, policy, progress=progress)
+        return report

@@ -23,8 +23,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
 from .base import (
-    DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, eos_ids,
-    sampling_seed,
+    DECODING_VERSION, Completion, Message, Request, Trainable, Usage, adapter_key, chat_prompt, check_results,
+    eos_ids, sampling_seed,
 )
 from .batching import Cancelled, DynamicBatcher
 from .models import ModelNotFoundError, resolve_model
@@ -180,7 +180,7 @@ def _generator(request: Request, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(sampling_seed(request))
 
 
-class LocalLM:
+class LocalLM(Trainable):
     """A Hugging Face causal LM on this machine, served to many threads through dynamic batching."""
 
     def __init__(
@@ -292,18 +292,17 @@ class LocalLM:
 
     # -- fine-tuning -------------------------------------------------------------------------
 
-    def finetune(self, conversations, out_dir, settings, progress: bool = True):
-        """Train one LoRA adapter on the loaded base model; save it (PEFT, safetensors) to `out_dir`.
-
-        Generation waits while this runs (same lock); afterwards the adapter is served by path.
-        """
-        from .training import train_lora
+    @contextlib.contextmanager
+    def training(self, rank: int):
+        """The served model itself; generation waits while it trains (same lock)."""
+        from .training import Trainee
 
         with self.lock:
-            report, self.model = train_lora(
-                self.model, self.tokenizer, self.prompt_text, conversations, out_dir, settings, progress=progress
-            )
-        return report
+            trainee = Trainee(self.model, self.tokenizer, self.prompt_text)
+            try:
+                yield trainee
+            finally:
+                self.model = trainee.model  # a plain model comes back wrapped as a PeftModel
 
     # -- batched generation ------------------------------------------------------------------
 

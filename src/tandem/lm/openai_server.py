@@ -5,8 +5,12 @@ chat completion per request, at most `concurrency` in flight (the server batches
 retried `max_retries` times by the client with backoff; a failure after that stops the step with
 the server's message. Sampling settings, seed and stop strings go with every request.
 
-Adapters: a weight step trains with peft on a local copy of the model (`--model` must name the
-weights the server runs: a folder, an alias or a hub id) and then loads the adapter into the
+Names: `--model` names the weights (a folder, an alias or a hub id: what weight steps train and whose
+tokenizer prices replies), `--served-model-name` what requests ask for, where the server serves the model
+under another name (vLLM's flag of the same name); by default the two are one. Both are checked up
+front against the server's model list.
+
+Adapters: a weight step trains with peft on a local copy of the weights and then loads the adapter into the
 server at runtime (vLLM: `POST /v1/load_lora_adapter`, enabled by `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`
 and `--enable-lora`), addressing it by name from then on. A server that cannot load adapters is
 found out before training, with one line saying how to start it.
@@ -23,6 +27,7 @@ tokenizer; without a tokenizer here, a constrained reply is one request whose fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -32,7 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
-from .base import DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, sampling_seed
+from .base import (
+    DECODING_VERSION, Completion, Message, Request, Trainable, Usage, adapter_key, chat_prompt, sampling_seed,
+)
 from .constrained import Budget, PhasedReply
 
 log = logging.getLogger(__name__)
@@ -46,11 +53,42 @@ RUNTIME_LORA_HINT = ("start vLLM's server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=
                      "--max-lora-rank 64, or run weight steps with --engine transformers or vllm")
 
 
-class OpenAIEngine:
+def check_served(served: dict[str, dict], name: str, weights: str, base_url: str) -> None:
+    """Refuse a name the server does not serve, in one line that lists its models and the weights behind
+    each (so a missing --served-model-name shows); warn where the server says it runs other weights than
+    those a weight step would train."""
+    if name not in served:
+        bases = {n: info.get("root") for n, info in served.items() if not info.get("parent")}
+        listed = ", ".join(repr(n) + (f" (weights {root})" if root and root != n else "") for n, root in bases.items())
+        adapters = len(served) - len(bases)
+        more = f" and {adapters} adapter{'s' * (adapters > 1)}" if adapters else ""
+        raise UsageError(f"the server at {base_url} serves {listed or 'no model'}{more}, not {name!r} "
+                         f"(--served-model-name names the server's model, --model its weights)")
+    root = served[name].get("root")
+    if root and not served[name].get("parent") and root != weights and not _same_folder(root, weights):
+        log.warning("the server at %s runs %r as %s, but --model names %s: weight steps train on --model's weights",
+                    base_url, name, root, weights)
+
+
+def _same_folder(root: str, weights: str) -> bool:
+    """Whether the server's folder is the one --model names (an alias resolves to its converted folder);
+    where either is no folder here (a hub id, another machine's path), they are taken to be the same."""
+    from pathlib import Path
+
+    from .models import ModelNotFoundError, resolve_model
+
+    try:
+        local = Path(resolve_model(weights))
+    except ModelNotFoundError:
+        return True
+    return not (Path(root).is_dir() and local.is_dir()) or Path(root).resolve() == local.resolve()
+
+
+class OpenAIEngine(Trainable):
     """A model behind an OpenAI-compatible endpoint."""
 
-    def __init__(self, model: str, base_url: str, *, api_key: str | None = None, concurrency: int = 32,
-                 max_retries: int = 3, timeout: float = 600.0, device: str = "cpu"):
+    def __init__(self, model: str, base_url: str, *, served_model_name: str | None = None, api_key: str | None = None,
+                 concurrency: int = 32, max_retries: int = 3, timeout: float = 600.0, device: str = "cpu"):
         try:
             import openai
         except ImportError as exc:
@@ -59,16 +97,9 @@ class OpenAIEngine:
         self.base_url = base_url.rstrip("/")
         self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none"),
                                     max_retries=max_retries, timeout=timeout)
-        try:
-            served = [m.id for m in self.client.models.list().data]
-        except openai.APIConnectionError as exc:
-            raise EngineError(f"cannot reach an OpenAI-compatible server at {self.base_url} ({exc.__cause__ or exc})") \
-                from None
-        except openai.APIError as exc:
-            raise EngineError(f"the server at {self.base_url} refused to list its models: {exc}") from None
-        if model not in served:
-            raise UsageError(f"the server at {self.base_url} serves {', '.join(served) or 'no model'}, not {model!r}")
-        self.name = model
+        self.name = served_model_name or model  # what requests ask for
+        self.weights = model  # what weight steps train, and the tokenizer's home
+        check_served(self.served_models(), self.name, model, self.base_url)
         self.device = device
         self.fingerprint = f"{self.base_url}|{model}"
         self.usage = Usage()
@@ -84,7 +115,21 @@ class OpenAIEngine:
 
     def describe(self) -> dict[str, str]:
         """What a run folder records and compares; the client's version is recorded with the others."""
-        return {"engine": "openai", "base_url": self.base_url, "model": self.name, "decoding": self.decoding}
+        named = {"served_model_name": self.name} if self.name != self.weights else {}
+        return {"engine": "openai", "base_url": self.base_url, "model": self.weights, **named,
+                "decoding": self.decoding}
+
+    def served_models(self) -> dict[str, dict]:
+        """The server's model list: each name it serves, adapters included, with what the server says of it
+        (vLLM: `root`, the weights' or the adapter's folder; `parent`, an adapter's base model)."""
+        try:
+            listed = self.client.models.list().data
+        except self.openai.APIConnectionError as exc:
+            raise EngineError(f"cannot reach an OpenAI-compatible server at {self.base_url} ({exc.__cause__ or exc})") \
+                from None
+        except self.openai.APIError as exc:
+            raise EngineError(f"the server at {self.base_url} refused to list its models: {exc}") from None
+        return {m.id: dict(m.model_extra or {}) for m in listed}
 
     @property
     def decoding(self) -> str:
@@ -197,10 +242,11 @@ class OpenAIEngine:
 
                 from .models import resolve_model
 
-                self._budgets = Budget(AutoTokenizer.from_pretrained(resolve_model(self.name)), jump_forward=False)
+                self._budgets = Budget(AutoTokenizer.from_pretrained(resolve_model(self.weights)),
+                                       jump_forward=False)
             except Exception as exc:  # no local tokenizer: the one-request fallback, said once
                 log.warning("no tokenizer for %s here (%s): constrained replies are not bounded by the token "
-                            "limit on this server", self.name, exc)
+                            "limit on this server", self.weights, exc)
                 self._budgets = False
         return self._budgets or None
 
@@ -216,6 +262,11 @@ class OpenAIEngine:
     def can_load_adapters(self) -> bool:
         """Whether the server has vLLM's runtime LoRA endpoint (an empty body is refused, not unknown)."""
         return self._post("load_lora_adapter", {}).status_code != 404
+
+    def load_adapter(self, path: str) -> str:
+        """Load the PEFT adapter folder at `path` into the server (once) and return the model name that
+        addresses it, for clients other than tandem's own (DSPy's, through tandem.integrations.dspy)."""
+        return self._served_name(path)
 
     def _served_name(self, path: str | None) -> str:
         """The model name to ask for: the base model, or the adapter loaded into the server for `path`."""
@@ -238,33 +289,37 @@ class OpenAIEngine:
                 self._adapters[key] = name
             return self._adapters[key]
 
-    def finetune(self, conversations, out_dir, settings, progress: bool = True):
-        """Train locally with peft on the model's own weights; the server then loads the adapter."""
+    @contextlib.contextmanager
+    def training(self, rank: int):
+        """Peft on a local copy of the model's own weights; the server then loads the adapter at runtime."""
         if not self.can_load_adapters():
             raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .models import ModelNotFoundError, resolve_model
-        from .training import train_lora
+        from .training import Trainee
 
         if self._trainer is None:
             try:
-                path = resolve_model(self.name)
+                path = resolve_model(self.weights)
                 self._tokenizer = AutoTokenizer.from_pretrained(path)
                 self._trainer = AutoModelForCausalLM.from_pretrained(path).to(self.device)
             except (ModelNotFoundError, OSError) as exc:
                 raise UsageError(f"a weight step on --engine openai trains locally, so --model must name the weights "
-                                 f"the server runs (a folder or hub id): {exc}") from None
-        report, self._trainer = train_lora(self._trainer, self._tokenizer, self._render, conversations, out_dir,
-                                           settings, progress=progress)
-        return report
+                                 f"the server runs (a folder or hub id; --served-model-name the server's name for "
+                                 f"them): {exc}") from None
+        trainee = Trainee(self._trainer, self._tokenizer, self._render)
+        try:
+            yield trainee
+        finally:
+            self._trainer = trainee.model
 
     @property
     def path(self) -> str:
         """The weights' folder, for training under a launcher (the server's model, found locally)."""
         from .models import resolve_model
 
-        return resolve_model(self.name)
+        return resolve_model(self.weights)
 
     def _render(self, messages: Sequence[Message]) -> str:
         return chat_prompt(self._tokenizer, messages)

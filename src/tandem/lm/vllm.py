@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes.util
 import glob
 import hashlib
+import contextlib
 import logging
 import os
 import sys
@@ -36,7 +37,8 @@ from typing import Sequence
 
 from ..errors import EngineError, UsageError
 from .base import (
-    DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, eos_ids, sampling_seed,
+    DECODING_VERSION, Completion, Message, Request, Trainable, Usage, adapter_key, chat_prompt, check_results, eos_ids,
+    sampling_seed,
 )
 from .batching import DynamicBatcher
 from .constrained import Budget, PhasedReply
@@ -92,7 +94,7 @@ def generation_eos(path: str) -> int | list[int] | None:
         return None
 
 
-class VLLMEngine:
+class VLLMEngine(Trainable):
     """One model on vLLM's in-process engine, behind tandem's LM protocol."""
 
     def __init__(
@@ -193,14 +195,16 @@ class VLLMEngine:
                      len(self._loras))
         return self._loras[key]
 
-    def finetune(self, conversations, out_dir, settings, progress: bool = True):
-        """Train one LoRA adapter with peft on a Hugging Face copy of the model; vLLM serves it by path."""
+    @contextlib.contextmanager
+    def training(self, rank: int):
+        """A Hugging Face copy of the model (made once), on the device vLLM runs on; on a GPU vLLM sleeps
+        meanwhile. The adapter is then served by path."""
         from transformers import AutoModelForCausalLM
 
-        from .training import train_lora
+        from .training import Trainee
 
-        if settings.rank > self.max_lora_rank:
-            raise UsageError(f"LoRA rank {settings.rank} is above the {self.max_lora_rank} this vLLM engine was started "
+        if rank > self.max_lora_rank:
+            raise UsageError(f"LoRA rank {rank} is above the {self.max_lora_rank} this vLLM engine was started "
                              "with; start it with the rank the weight steps use (--rank)")
         if self.sleeps:
             import torch
@@ -212,12 +216,14 @@ class VLLMEngine:
         try:
             if self._trainer is None:
                 self._trainer = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype).to(self.device)
-            report, self._trainer = train_lora(self._trainer, self.tokenizer, self.prompt_text, conversations,
-                                               out_dir, settings, progress=progress)
+            trainee = Trainee(self._trainer, self.tokenizer, self.prompt_text)
+            try:
+                yield trainee
+            finally:
+                self._trainer = trainee.model
         finally:
             if self.sleeps:
                 self.llm.wake_up()
-        return report
 
     # -- generation ----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""BetterTogether: a strategy of prompt (p) and weight (w, or extended w+) steps, each built on the last.
+"""BetterTogether: a strategy of prompt and weight steps (`KINDS`: p, g, w, w+, r), each built on the last.
 
 Every step is scored on the validation set (for selection) and the test set (for reporting
 only); the step with the best validation score is returned. A run folder keeps each step's
@@ -13,39 +13,127 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import UsageError
-from ..evaluate import Metric, describe_failures, evaluate
+from ..evaluate import EvalResult, Feedback, Metric, describe_failures, evaluate
 from ..lm import honest_generation
 from ..lm.base import LM
 from ..program import Example, Program, load_state
 from ..rundir import claim, data_digest, describe_lm, write_json
+from ..report import write_run_report
 from ..settings import OptimizeSettings, to_dict
 from .fewshot import bootstrap_fewshot_rs
-from .weights import bootstrap_finetune
+from ..signatures import InvalidValue
+from .weights import bootstrap_finetune, choice_field
 
 log = logging.getLogger(__name__)
 
-STEP_NAMES = {  # a step's token in a strategy string, and what it is
-    "p": "Π (prompts)",
-    "w": "Θ (weights)",
-    "w+": "Θ+ (weights, extended: sampled runs, rationalization, class balance)",
-}
+@dataclass
+class StepContext:
+    """What every step is given besides the program it starts from."""
+
+    lm: LM
+    train: Sequence[Example]
+    val: Sequence[Example]
+    metric: Metric
+    settings: OptimizeSettings
+    folder: Path  # the step's own folder: adapters, training data, anything it needs to resume
+    seed: int
+    progress: bool = True
+    reflection_lm: LM | None = None  # g steps: the LM that reads traces and writes instructions (None: `lm`)
+    feedback: Feedback | None = None  # g steps: the task's feedback on a run (None: the gold answer)
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """One kind of step: its token in a strategy string, how the report names it, and how it runs.
+    The parser, the step runner and the reports read this table; a new kind is one entry."""
+
+    token: str  # in a strategy string: "p"
+    symbol: str  # in a grid's row label: "Π"
+    name: str  # what it is, for help texts and reports
+    weights: bool  # trains an adapter: its answers on val are checked for collapse
+    run: Callable[[Program, StepContext], tuple[Program, dict[str, Any]]]  # -> (new program, details)
+    # Markdown lines for the run's report.md from the step's folder and details (a chart, a diff); optional.
+    report: Callable[[Path, dict[str, Any]], list[str]] | None = None
+    reflects: bool = False  # uses the reflection LM: the run folder records which one
+
+
+def _prompts(program: Program, ctx: StepContext):
+    result = bootstrap_fewshot_rs(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.prompts, seed=ctx.seed,
+                                  generation=ctx.settings.generation, progress=ctx.progress)
+    return result.program, result.summary()
+
+
+def _weights(extended: bool):
+    def run(program: Program, ctx: StepContext):
+        result = bootstrap_finetune(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.weights,
+                                    out_dir=ctx.folder, seed=ctx.seed, generation=ctx.settings.generation,
+                                    progress=ctx.progress, extended=extended)
+        return result.program, result.summary()
+    return run
+
+
+def _policy(program: Program, ctx: StepContext):
+    from .policy import policy_optimize
+
+    result = policy_optimize(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.policy,
+                             ctx.settings.weights.lora, out_dir=ctx.folder, seed=ctx.seed,
+                             generation=ctx.settings.generation, progress=ctx.progress)
+    return result.program, result.summary()
+
+
+def _policy_report(folder: Path, details: dict[str, Any]) -> list[str]:
+    from .policy import report_lines
+
+    return report_lines(folder, details)
+
+
+def _reflect(program: Program, ctx: StepContext):
+    from .reflect import evolve_instructions
+
+    result = evolve_instructions(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.reflection,
+                                 out_dir=ctx.folder, reflection_lm=ctx.reflection_lm, feedback=ctx.feedback,
+                                 seed=ctx.seed, generation=ctx.settings.generation, progress=ctx.progress)
+    return result.program, result.summary()
+
+
+def _reflect_report(folder: Path, details: dict[str, Any]) -> list[str]:
+    from .reflect import report_lines
+
+    return report_lines(folder, details)
+
+
+KINDS: dict[str, StepKind] = {k.token: k for k in (
+    StepKind("p", "Π", "prompts: bootstrapped demos, random search (BootstrapFewShotRS)", False, _prompts),
+    StepKind("w", "Θ", "weights: one LoRA on the passing runs' calls (BootstrapFinetune, the paper's)", True,
+             _weights(False)),
+    StepKind("w+", "Θ+", "weights, extended: sampled runs, rationalization, class balance", True, _weights(True)),
+    StepKind("r", "R", "weights by policy optimization over whole program runs (group-relative, mmGRPO)", True,
+             _policy, _policy_report),
+    StepKind("g", "G", "instructions evolved by reflection on traces and feedback (GEPA)", False, _reflect,
+             _reflect_report, reflects=True),
+)}
 ZERO_SHOT = "zero-shot"
 
 
 def parse_strategy(text: str) -> tuple[str, ...]:
     """`"p -> w -> p"` -> ("p", "w", "p"); anything else is refused with the valid form."""
     steps = tuple(part.strip().lower().replace(" ", "") for part in str(text).split("->"))
-    if not steps or any(s not in STEP_NAMES for s in steps):
-        raise UsageError(
-            f"invalid strategy {text!r}: write steps 'p' (prompts), 'w' (weights, the paper's) and 'w+' "
-            "(weights, extended) joined by '->', e.g. 'p', 'w', 'p -> w', 'p -> w -> p', 'p -> w+ -> p'"
-        )
+    if not steps or any(s not in KINDS for s in steps):
+        kinds = ", ".join(f"'{k.token}' ({k.name})" for k in KINDS.values())
+        raise UsageError(f"invalid strategy {text!r}: write steps joined by '->', e.g. 'p -> w -> p'; the steps are "
+                         f"{kinds}")
     return steps
+
+
+def label(steps: Sequence[str]) -> str:
+    """A grid's row label: ("p", "w") -> "Π→Θ"; no steps: "vanilla"."""
+    return "→".join(KINDS[s].symbol for s in steps) if steps else "vanilla"
 
 
 def prefix_name(steps: Sequence[str]) -> str:
@@ -69,6 +157,7 @@ class StepRecord:
     test_metrics: dict[str, float | None] = field(default_factory=dict)  # reported beside `test`, never optimized
     val_failures: dict[str, int] = field(default_factory=dict)  # failed runs by kind
     test_failures: dict[str, int] = field(default_factory=dict)
+    val_answers: dict[str, int] = field(default_factory=dict)  # a choice-typed answer's values on val, most first
 
     @property
     def label(self) -> str:
@@ -80,6 +169,7 @@ class BetterTogetherResult:
     program: Program
     best: str
     steps: list[StepRecord]
+    report: Path | None = None  # report-<strategy>.md in the run folder
 
     def table(self) -> str:
         rows = [f"{'strategy':<16}{'val %':>8}{'test %':>8}{'failed':>8}{'time s':>9}  notes"]
@@ -98,37 +188,56 @@ class _Score:
     errors: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float | None] = field(default_factory=dict)
+    answers: dict[str, int] = field(default_factory=dict)
 
 
 def _score(program, lm, examples, metric, settings: OptimizeSettings, desc, progress, also=None) -> _Score:
     if not examples:
         return _Score()
     r = evaluate(program, lm, examples, metric, settings.generation, progress=progress, desc=desc)
-    return _Score(r.score, r.n_errors, r.failures(), {name: r.mean(m) for name, m in (also or {}).items()})
+    return _Score(r.score, r.n_errors, r.failures(), {name: r.mean(m) for name, m in (also or {}).items()},
+                  answers(program, r))
 
 
-def take_step(
-    kind: str,
-    program: Program,
-    lm: LM,
-    train: Sequence[Example],
-    val: Sequence[Example],
-    metric: Metric,
-    settings: OptimizeSettings,
-    folder: Path,
-    seed: int,
-    progress: bool = True,
-) -> tuple[Program, dict[str, Any]]:
-    """One optimizer step; every optimizer has the same call shape."""
-    if kind == "p":
-        result = bootstrap_fewshot_rs(program, lm, train, val, metric, settings.prompts, seed=seed,
-                                      generation=settings.generation, progress=progress)
-        return result.program, result.summary()
-    if kind in ("w", "w+"):
-        result = bootstrap_finetune(program, lm, train, val, metric, settings.weights, out_dir=folder, seed=seed,
-                                    generation=settings.generation, progress=progress, extended=kind == "w+")
-        return result.program, result.summary()
-    raise ValueError(f"unknown step kind {kind!r}")
+FAILED = "(failed)"
+COLLAPSE_SHARE = 0.8  # a weight step whose val answers are one class more often than this has collapsed
+
+
+def answers(program: Program, result: EvalResult) -> dict[str, int]:
+    """How often each value of the program's choice-typed answer was given ("setosa": 20), canonical
+    values, failed runs as "(failed)"; empty where the answer is not a choice."""
+    found = choice_field(program, result.results[0].example) if result.results else None
+    if found is None:
+        return {}
+    counts: Counter = Counter()
+    for r in result.results:
+        value = r.prediction.get(found.name) if r.prediction is not None and not r.error else None
+        try:
+            counts[found.check(str(value)) if value is not None else FAILED] += 1
+        except InvalidValue:
+            counts[str(value)] += 1
+    return dict(counts.most_common())
+
+
+def collapse_note(answers: dict[str, int]) -> str | None:
+    """"collapsed: 'setosa' for 20/20 val" when one class (not a failure) takes more than 80% of val."""
+    total = sum(answers.values())
+    top, n = next(iter(answers.items()), (None, 0))
+    if total and top != FAILED and n > COLLAPSE_SHARE * total:
+        return f"collapsed: {top!r} for {n}/{total} val"
+    return None
+
+
+def describe_answers(answers: dict[str, int]) -> str:
+    total = sum(answers.values())
+    return ", ".join(f"{value} {n}/{total}" for value, n in answers.items())
+
+
+def take_step(kind: str, program: Program, ctx: StepContext) -> tuple[Program, dict[str, Any]]:
+    """One optimizer step; every kind has the same call shape."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown step kind {kind!r}")
+    return KINDS[kind].run(program, ctx)
 
 
 def load_step(program: Program, folder: Path) -> tuple[Program, StepRecord] | None:
@@ -154,12 +263,16 @@ def better_together(
     progress: bool = True,
     report_metrics: Mapping[str, Metric] | None = None,
     config: Mapping[str, Any] | None = None,
+    reflection_lm: LM | None = None,
+    feedback: Feedback | None = None,
 ) -> BetterTogetherResult:
     """Run the strategy from `program`, resuming finished steps found in `run_dir`.
 
     `run_dir` holds one configuration (the LM, the data, `settings`, and whatever `config` adds,
     such as the task's name): a folder made with another one is refused, naming the field.
     `report_metrics` (name -> metric) are computed on test beside `metric` and never steer anything.
+    `reflection_lm`: the LM that g steps reflect with (default: `lm`); where the strategy has one, the
+    folder records it and refuses another later. `feedback`: the task's feedback for g steps.
     """
     steps = parse_strategy(strategy) if isinstance(strategy, str) else tuple(strategy)
     run_dir = Path(run_dir)
@@ -172,6 +285,7 @@ def better_together(
         "program": program.get_state(),
         "settings": to_dict(settings),
         "strategy": pretty(steps),
+        **({"reflection_lm": describe_lm(reflection_lm or lm)} if any(KINDS[s].reflects for s in steps) else {}),
     })
     records: list[StepRecord] = []
     current = program
@@ -191,13 +305,22 @@ def better_together(
         details: dict[str, Any] = {}
         if depth > 0:
             # Each depth gets its own seed so that "p -> p" does not redraw the same candidates.
-            current, details = take_step(steps[depth - 1], current, lm, train, val, metric, settings, folder,
-                                         seed=settings.seed * 100 + depth, progress=progress)
+            ctx = StepContext(lm, train, val, metric, settings, folder, seed=settings.seed * 100 + depth,
+                              progress=progress, reflection_lm=reflection_lm, feedback=feedback)
+            current, details = take_step(steps[depth - 1], current, ctx)
         val_ = _score(current, lm, val, metric, settings, f"{prefix_name(prefix)} val", progress)
         test_ = _score(current, lm, test, metric, settings, f"{prefix_name(prefix)} test", progress, report_metrics)
-        record = StepRecord(prefix_name(prefix), steps[depth - 1] if depth else "", val_.score, test_.score,
+        kind = steps[depth - 1] if depth else ""
+        if val_.answers:
+            details["val_answers"] = describe_answers(val_.answers)
+        if kind and KINDS[kind].weights and (note := collapse_note(val_.answers)):
+            if records and collapse_note(records[-1].val_answers) == note:
+                note += " (as was the program it started from)"
+            details["notes"] = details.get("notes", []) + [note]
+            log.warning("step %s: %s (answers on val: %s)", pretty(prefix), note, details["val_answers"])
+        record = StepRecord(prefix_name(prefix), kind, val_.score, test_.score,
                             time.perf_counter() - started, val_.errors, test_.errors, details, test_.metrics,
-                            val_.failures, test_.failures)
+                            val_.failures, test_.failures, val_.answers)
         current.save(folder / "program.json")
         write_json(folder / "step.json", asdict(record))  # written last: its presence means the step is finished
         records.append(record)
@@ -210,6 +333,7 @@ def better_together(
     result = BetterTogetherResult(best_program, best.prefix, records)
     summary = {"strategy": pretty(steps), "best": best.prefix, "steps": [asdict(r) for r in records]}
     write_json(results_path(run_dir, steps), summary)  # one file per strategy: strategies share the folder
+    result.report = write_run_report(run_dir, steps)
     return result
 
 

@@ -67,7 +67,8 @@ class WeightResult:
                                "hint_dropped": self.hint_dropped}
         if self.report:
             r = self.report
-            out["training"] = {"examples": r.examples, "tokens": r.tokens, "steps": r.steps, "seconds": round(r.seconds, 1),
+            out["training"] = {"examples": r.examples, "tokens": r.tokens, "steps": r.steps, "epochs": r.epochs,
+                               "seconds": round(r.seconds, 1),
                                "tokens_per_second": round(r.tokens_per_second, 1), "first_loss": round(r.first_loss, 4),
                                "last_loss": round(r.last_loss, 4), "dropped_too_long": r.dropped_too_long}
         return out
@@ -347,6 +348,7 @@ def bootstrap_finetune(
                         + (f"; balance left out {dropped}" if dropped else ""))
     else:
         notes.insert(0, f"trained on {len(rows)} module calls from {passing} passing runs, prompts {demos} demos")
+    notes.append(f"{report.steps} optimizer steps ({report.epochs} epochs)")
     if report.dropped_too_long:
         notes.append(f"{report.dropped_too_long} calls longer than max_length={lora.max_length} left out")
     return WeightResult(new, True, passing, len(rows), report, notes, settings.with_demos, gathered.failures, sources,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import UsageError
-from ..evaluate import Metric
+from ..evaluate import Feedback, Metric
 from ..program import Example, Program
 
 SPLIT_SEED = 0  # splits are fixed across experiments; seeds vary the optimizers, not the data
@@ -30,12 +30,17 @@ class Task:
     metric: Metric  # what optimizers maximize and the table reports
     report_metrics: dict[str, Metric] = field(default_factory=dict)  # shown beside it, never optimized
     source: dict[str, Any] = field(default_factory=dict)  # where it came from: a run folder records it
+    # g steps: what the reflection LM is told about a run besides its score and failure (default: the gold
+    # answer the metric reads, beside the one given); see optimizers/reflect.py
+    feedback: Feedback | None = None
 
     def __post_init__(self) -> None:
         if not self.source:
             self.source = {"builtin": self.name}
         if not callable(self.metric) or not callable(self.make_program):
             raise UsageError(f"task {self.name!r}: make_program and metric must be callables")
+        if self.feedback is not None and not callable(self.feedback):
+            raise UsageError(f"task {self.name!r}: feedback must be a callable (example, prediction, trace) -> str")
 
     def sized(self, sizes: Any) -> tuple[list[Example], list[Example], list[Example]]:
         """train, val and test cut to `sizes` (a DataSettings: train_size, val_size, test_size)."""

@@ -26,6 +26,17 @@ def metric(example: Example, prediction: Prediction) -> float:
     return float(got is not None and abs(got - float(example.answer)) < 1e-6)
 
 
+def feedback(example: Example, prediction: Prediction | None, trace) -> str:
+    """For the reflection LM (g steps): the gold number beside the number given."""
+    if prediction is None:
+        given = "no answer was given"
+    else:
+        got = parse_number(prediction.answer)
+        given = f"the answer given was {got:g}" if got is not None else \
+            f"the answer given, {str(prediction.answer)[:80]!r}, holds no number"
+    return f"The correct answer is {example.answer}; {given}."
+
+
 def _example(row: dict) -> Example:
     solution, gold = row["answer"].rsplit("####", 1)
     reasoning = re.sub(r"<<[^>]*>>", "", solution).strip()
@@ -37,4 +48,4 @@ def load(data_dir: str | None = None) -> Task:
     pool = [_example(r) for r in read_jsonl(find_data_file("gsm8k/train.jsonl", data_dir))]
     test = [_example(r) for r in read_jsonl(find_data_file("gsm8k/test.jsonl", data_dir))]
     random.Random(SPLIT_SEED).shuffle(pool)
-    return Task("gsm8k", pool[VAL_SIZE:], pool[:VAL_SIZE], test, GSM8KProgram, metric)
+    return Task("gsm8k", pool[VAL_SIZE:], pool[:VAL_SIZE], test, GSM8KProgram, metric, feedback=feedback)

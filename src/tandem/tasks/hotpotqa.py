@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from ..program import MODULE_LABELS, ChainOfThought, Example, Prediction, Program, Run
+from ..program import MODULE_LABELS, ChainOfThought, Example, Prediction, Program, Run, TraceEntry
 from ..retrieve import BM25Retriever
 from .base import SPLIT_SEED, Task, find_data_file, read_jsonl
 from .metrics import normalize_answer, token_f1
@@ -76,6 +76,29 @@ def gold_found(example: Example, prediction: Prediction) -> float | None:
     return sum(t in titles for t in example.gold_titles) / len(example.gold_titles)
 
 
+def feedback(example: Example, prediction: Prediction | None, trace: Sequence[TraceEntry]) -> str:
+    """For the reflection LM (g steps): the gold answer beside the one given, and for each hop its
+    query and whether it retrieved a gold passage (a hop's passages are what the next module's
+    context gained), so the query modules hear about their own part of the run."""
+    given = f"the answer given was {prediction.answer!r}" if prediction is not None else "no answer was given"
+    lines = [f"The correct answer is {example.answer!r}; {given}."]
+    gold = set(example.get("gold_titles") or [])
+    for n, (i, entry) in enumerate([(i, e) for i, e in enumerate(trace) if e.module.startswith("generate_query")], 1):
+        query = (entry.outputs or {}).get("search_query")
+        after = trace[i + 1].inputs.get("context") if i + 1 < len(trace) else \
+            (prediction.get("context") if prediction is not None else None)
+        if query is None or after is None:
+            lines.append(f"Hop {n} wrote no usable search query." if query is None else
+                         f"Hop {n} searched {query!r}; the run stopped before its passages were used.")
+            continue
+        found = sorted({title_of(p) for p in after if p not in entry.inputs.get("context", [])} & gold)
+        lines.append(f"Hop {n} searched {query!r} and " + (f"retrieved gold passage(s): {', '.join(found)}." if found
+                                                            else "retrieved no gold passage."))
+    if gold:
+        lines.append(f"The gold passages are titled: {', '.join(sorted(gold))}.")
+    return " ".join(lines)
+
+
 def load(data_dir: str | None = None) -> Task:
     corpus = list(read_jsonl(find_data_file("hotpotqa/corpus.jsonl", data_dir)))
     passages = {d["title"]: f"{d['title']} | {d['text']}" for d in corpus}
@@ -89,4 +112,4 @@ def load(data_dir: str | None = None) -> Task:
     random.Random(SPLIT_SEED).shuffle(rows)
     train, val, test = rows[:TRAIN_SIZE], rows[TRAIN_SIZE : TRAIN_SIZE + VAL_SIZE], rows[TRAIN_SIZE + VAL_SIZE :]
     return Task("hotpotqa", train, val, test, lambda: MultiHopQA(retriever), metric,
-                {"answer F1": f1, "gold paragraphs retrieved": gold_found})
+                {"answer F1": f1, "gold paragraphs retrieved": gold_found}, feedback=feedback)

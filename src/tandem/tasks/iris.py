@@ -32,6 +32,13 @@ def metric(example: Example, prediction: Prediction) -> float:
     return float(normalize_species(prediction.species) == example.species)
 
 
+def feedback(example: Example, prediction: Prediction | None, trace) -> str:
+    """For the reflection LM (g steps): the gold species beside the one given."""
+    given = f"the answer given was {normalize_species(prediction.species)!r}" if prediction is not None \
+        else "no species was given"
+    return f"The correct species is {example.species!r}; {given}."
+
+
 def load(data_dir: str | None = None) -> Task:
     """150 rows from scikit-learn, split 50/50/50 stratified by species with a fixed seed."""
     from sklearn.datasets import load_iris
@@ -45,4 +52,4 @@ def load(data_dir: str | None = None) -> Task:
     labels = [r["species"] for r in rows]
     train, rest = train_test_split(rows, train_size=50, stratify=labels, random_state=SPLIT_SEED)
     val, test = train_test_split(rest, train_size=50, stratify=[r["species"] for r in rest], random_state=SPLIT_SEED)
-    return Task("iris", train, val, test, IrisProgram, metric)
+    return Task("iris", train, val, test, IrisProgram, metric, feedback=feedback)
