@@ -15,6 +15,10 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
     settings = EngineSettings(**{"engine": "transformers", **options})
     kind = choose_engine(settings.engine)
     device = choose_device(settings.device)
+    if settings.served_model_name and kind != "openai":
+        from ..errors import UsageError
+
+        raise UsageError(f"--served-model-name names a model on a server: it goes with --engine openai, not {kind}")
     if kind == "vllm":
         from .vllm import VLLMEngine
 
@@ -28,7 +32,8 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
 
         if not settings.base_url:
             raise UsageError("--engine openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
-        engine = OpenAIEngine(model, settings.base_url, concurrency=settings.concurrency, device=device)
+        engine = OpenAIEngine(model, settings.base_url, served_model_name=settings.served_model_name,
+                              concurrency=settings.concurrency, device=device)
     else:
         from .local import LocalLM
 

@@ -1,0 +1,289 @@
+"""tandem as DSPy's fine-tuning provider (`pip install tandem[dspy]`): DSPy's `BootstrapFinetune`, and
+`BetterTogether` with it, train one LoRA adapter with tandem's trainer and have it served by the vLLM
+server the program already calls. No merge, no copy of the model, no server relaunch.
+
+    from tandem.integrations.dspy import TandemProvider
+
+    lm = dspy.LM("openai/smol", api_base=URL, api_key="none", provider=TandemProvider(URL, out_dir="dspy-jobs"),
+                 finetuning_model="HuggingFaceTB/SmolLM2-135M-Instruct")   # the weights the server runs
+    program.set_lm(lm)
+
+A job: DSPy hands the provider the chat data of its program's calls; the provider trains one LoRA
+(`train_lora`, through the openai engine's `finetune`, on a local copy of the weights `finetuning_model`
+names), loads it into the server at runtime (vLLM's /v1/load_lora_adapter; a server that cannot is
+refused before training, in one line) and returns "openai/<adapter name>", which DSPy makes the LM of
+the tuned program. DSPy's `train_kwargs` set tandem's `LoraSettings` where they mean the same thing
+(`lora_settings`); any other is refused by name, in one line.
+
+Each job is a folder `out_dir/<key>/`: train.jsonl (the data), adapter/ (PEFT safetensors; its
+training.json has every loss) and job.json (the weights, the settings and the training record: loss,
+steps, tokens/s), written last. The key hashes the weights, the data and the settings, so a repeated
+job loads the adapter it trained before instead of training again.
+
+DSPy internals relied on, as of dspy 3.4.1 (`TESTED`); tests/test_dspy.py::test_dspy_internals checks
+each, so a DSPy release that changes one fails there by name:
+- `Provider` (dspy/clients/provider.py): `finetunable`, `TrainingJob` (the class `LM.finetune` makes a
+  job of), `launch(lm, launch_kwargs)` and `kill(lm, launch_kwargs)`; `LM._run_finetune_job` calls
+  `provider.finetune(job=, model=, train_data=, train_data_format=, train_kwargs=)` in a thread and
+  makes the tuned LM with `LM.copy(model=<returned name>)`, so the tuned LM keeps `api_base` and the
+  provider. `LM.finetune` passes `finetuning_model or model` as `model`.
+- `TrainingJob(thread=, model=, train_data=, train_data_format=, train_kwargs=)`, a Future with an
+  abstract `status()`; `TrainDataFormat.CHAT` data is `{"messages": [...]}`, the reply last.
+- DSPy deep-copies programs (`Module.deepcopy`), their LMs with them: the provider copies as itself.
+- `Program.load`'s JSON layout, which `tandem export --format dspy` writes (export.py, `dspy_state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from dspy.clients.provider import Provider, TrainingJob
+from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
+
+from ..errors import UsageError
+from ..lm.base import Message
+from ..rundir import versions, write_json
+from ..settings import LoraSettings
+
+log = logging.getLogger(__name__)
+
+TESTED = "3.4.1"  # the DSPy release these internals were read from and tested with (pyproject pins >=3.4.1,<3.5)
+
+# DSPy's names (its local provider's, OpenAI's) for settings tandem's LoRA training has under another name.
+DSPY_NAMES = {"num_train_epochs": "epochs", "n_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+              "max_seq_length": "max_length"}
+# Options that state what tandem does anyway: accepted at that value, refused (with why) at any other.
+TANDEM_DOES = {"use_peft": (True, "tandem trains one LoRA adapter, use_peft=False asks for full fine-tuning"),
+               "packing": (False, "tandem batches whole calls by length and does not pack them")}
+ACCUMULATION = "gradient_accumulation_steps"  # micro-batches per step: tandem's batch_size = micro_batch_size x it
+OUTPUT_DIR = "output_dir"  # where this job's folder goes (default: the provider's out_dir)
+JOB = "job.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job the provider ran or reused: its folder, the model name DSPy's tuned LM asks for, and job.json."""
+
+    folder: Path
+    model: str
+    reused: bool
+    record: dict[str, Any]
+
+
+class TandemJob(TrainingJob):
+    """DSPy's handle on one job: a Future that DSPy's thread resolves with the tuned LM, or with the error."""
+
+    def status(self) -> TrainingStatus:
+        if not self.done():
+            alive = self.thread is not None and self.thread.is_alive()
+            return TrainingStatus.running if alive else TrainingStatus.pending
+        return TrainingStatus.failed if isinstance(self.result(), Exception) else TrainingStatus.succeeded
+
+
+class TandemProvider(Provider):
+    """DSPy's fine-tuning provider for a model behind a vLLM server that loads adapters at runtime.
+
+    `base_url`: the server, the `api_base` of the LM it tunes. `out_dir`: where job folders go. `lora`:
+    the LoRA settings jobs start from (DSPy's train_kwargs override them per job). `served_model_name`:
+    the server's name for the base model (default: the one base model it lists). `device`: where
+    training runs (auto: the first CUDA GPU, else the CPU).
+    """
+
+    def __init__(self, base_url: str, *, out_dir: str | os.PathLike = "tandem-dspy", lora: LoraSettings | None = None,
+                 api_key: str | None = None, served_model_name: str | None = None, device: str = "auto",
+                 progress: bool = True):
+        super().__init__()
+        self.finetunable = True
+        self.TrainingJob = TandemJob
+        self.base_url = base_url.rstrip("/")
+        self.out_dir = Path(out_dir)
+        self.lora = lora or LoraSettings()
+        self.api_key = api_key
+        self.served_model_name = served_model_name
+        self.device = device
+        self.progress = progress
+        self.jobs: list[Job] = []  # in the order DSPy asked for them
+        self._engines: dict[str, Any] = {}  # weights -> OpenAIEngine, so the local copy loads once
+        self._lock = threading.Lock()  # one job at a time: jobs share that copy
+
+    def __deepcopy__(self, memo) -> "TandemProvider":
+        """A handle on a server and a folder: DSPy deep-copies programs with their LMs, and the copies
+        must share it (a copy would also load the weights a second time)."""
+        return self
+
+    def launch(self, lm, launch_kwargs: dict[str, Any] | None = None) -> None:
+        """Nothing starts: the server is the user's. DSPy calls this before it uses an LM (BetterTogether)."""
+        self._check_same_server(lm)
+
+    def kill(self, lm, launch_kwargs: dict[str, Any] | None = None) -> None:
+        """Nothing stops: the server keeps serving. DSPy calls this before each job (BootstrapFinetune)."""
+        self._check_same_server(lm)
+
+    def _check_same_server(self, lm) -> None:
+        url = lm.kwargs.get("api_base") or lm.kwargs.get("base_url")
+        if url and url.rstrip("/") != self.base_url:
+            raise UsageError(f"the LM {lm.model} calls {url}, but TandemProvider loads adapters into {self.base_url}: "
+                             "give both the same server")
+
+    def finetune(self, job: TrainingJob, model: str, train_data: list[dict[str, Any]],
+                 train_data_format: TrainDataFormat | str | None, train_kwargs: dict[str, Any] | None = None) -> str:
+        """Train (or reuse) one adapter on `train_data`, load it into the server, return the model name for it."""
+        if train_data_format != TrainDataFormat.CHAT:
+            raise UsageError(f"TandemProvider trains on chat data (DSPy's ChatAdapter), not {train_data_format!r}")
+        kwargs = dict(train_kwargs or {})
+        root = Path(kwargs.pop(OUTPUT_DIR, None) or self.out_dir)
+        settings = lora_settings(self.lora, kwargs)
+        conversations = chat_conversations(train_data)
+        weights = model.removeprefix("openai/")
+        with self._lock:
+            engine = self._engine(weights)
+            folder = root / job_key(weights, conversations, settings)
+            record = read_job(folder)
+            reused = record is not None
+            if reused:
+                log.info("TandemProvider: %s holds this job's adapter (same weights, data, settings)", folder)
+            else:
+                record = self._train(engine, folder, weights, conversations, settings)
+            name = "openai/" + engine.load_adapter(str(folder / "adapter"))
+            self.jobs.append(Job(folder, name, reused, record))
+        return name
+
+    def _engine(self, weights: str):
+        """The server as tandem's openai engine, training on `weights`; a server that cannot load adapters
+        at runtime is refused here, before anything trains."""
+        from ..lm import choose_device
+        from ..lm.models import ModelNotFoundError, resolve_model
+        from ..lm.openai_server import RUNTIME_LORA_HINT, OpenAIEngine
+
+        if weights not in self._engines:
+            try:
+                resolve_model(weights)
+            except ModelNotFoundError as exc:
+                raise UsageError(f"TandemProvider trains on the weights the server runs: give dspy.LM "
+                                 f"finetuning_model=<their folder or hub id> ({exc})") from None
+            served = self.served_model_name or base_model_name(self.base_url, self.api_key)
+            engine = OpenAIEngine(weights, self.base_url, served_model_name=served, api_key=self.api_key,
+                                  device=choose_device(self.device))
+            if not engine.can_load_adapters():
+                raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
+            self._engines[weights] = engine
+        return self._engines[weights]
+
+    def _train(self, engine, folder: Path, weights: str, conversations: list[list[Message]],
+               settings: LoraSettings) -> dict[str, Any]:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
+            for messages in conversations:
+                f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        report = engine.finetune(conversations, folder / "adapter", settings, progress=self.progress)
+        record = {
+            "weights": weights, "base_url": self.base_url, "calls": len(conversations),
+            "lora": dataclasses.asdict(settings),
+            "training": {"first_loss": report.first_loss, "last_loss": report.last_loss, "steps": report.steps,
+                         "epochs": report.epochs, "examples": report.examples, "tokens": report.tokens,
+                         "tokens_per_second": report.tokens_per_second, "seconds": report.seconds,
+                         "dropped_too_long": report.dropped_too_long},
+            "versions": {**versions(), "dspy": package_version("dspy")},
+        }
+        write_json(folder / JOB, record)  # last: a folder without it was not finished and is trained again
+        log.info("TandemProvider: trained %s on %d calls: %d steps, loss %.3f -> %.3f, %.0f tok/s", folder,
+                 len(conversations), report.steps, report.first_loss, report.last_loss, report.tokens_per_second)
+        return record
+
+
+def lora_settings(base: LoraSettings, train_kwargs: Mapping[str, Any]) -> LoraSettings:
+    """`base` with DSPy's train_kwargs applied: tandem's own names (`rank`, `epochs`, ...), DSPy's names for
+    the same settings (`DSPY_NAMES`, `gradient_accumulation_steps`), and options that state what tandem
+    does (`TANDEM_DOES`). Anything else is refused by name, in one line: a setting that silently does
+    nothing is worse than none."""
+    own = [f.name for f in dataclasses.fields(LoraSettings)]
+    changes: dict[str, Any] = {}
+    for key, value in train_kwargs.items():
+        if key in TANDEM_DOES:
+            wanted, why = TANDEM_DOES[key]
+            if value != wanted:
+                raise UsageError(f"train_kwargs {key}={value!r}: {why}")
+        elif key in own or key in DSPY_NAMES:
+            name = DSPY_NAMES.get(key, key)
+            if name in changes and changes[name] != value:
+                raise UsageError(f"train_kwargs set {name} twice: {changes[name]!r} and {key}={value!r}")
+            changes[name] = value
+        elif key != ACCUMULATION:
+            raise UsageError(f"train_kwargs {key!r} is not a setting of tandem's LoRA training (it takes "
+                             f"{', '.join(own)}; and DSPy's {', '.join(DSPY_NAMES)}, {ACCUMULATION}, "
+                             f"use_peft=True, packing=False, {OUTPUT_DIR})")
+    if "epochs" in changes:
+        changes["epochs"] = _whole(changes["epochs"], "epochs")
+    settings = dataclasses.replace(base, **changes)  # checks every bound: ConfigError names the field
+    if ACCUMULATION in train_kwargs:
+        batch = settings.micro_batch_size * _whole(train_kwargs[ACCUMULATION], ACCUMULATION)
+        if "batch_size" in changes and changes["batch_size"] != batch:
+            raise UsageError(f"train_kwargs batch_size={changes['batch_size']} is not micro_batch_size x "
+                             f"{ACCUMULATION} = {batch}")
+        settings = dataclasses.replace(settings, batch_size=batch)
+    return settings
+
+
+def _whole(value: Any, name: str) -> int:
+    """A count given as 3 or 3.0 (Hugging Face's trainer takes float epochs; tandem trains whole ones)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise UsageError(f"train_kwargs {name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def chat_conversations(train_data: Sequence[Mapping[str, Any]]) -> list[list[Message]]:
+    """DSPy's chat data (`{"messages": [...]}` each) as tandem's training conversations; refused in one line
+    where it is empty (no run passed the metric) or a conversation does not end with the reply."""
+    if not train_data:
+        raise UsageError("no training data: DSPy passed no calls (did any run of the program pass the metric?)")
+    conversations = []
+    for i, item in enumerate(train_data):
+        messages = item.get("messages") if isinstance(item, Mapping) else None
+        if not messages or not all(isinstance(m, Mapping) and {"role", "content"} <= set(m) for m in messages) \
+                or messages[-1]["role"] != "assistant":
+            raise UsageError(f"train_data[{i}] is not chat data ending with the assistant's reply: {str(item)[:200]}")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    return conversations
+
+
+def job_key(weights: str, conversations: list[list[Message]], settings: LoraSettings) -> str:
+    """The content hash that names a job's folder: the same weights, data and settings make the same adapter."""
+    payload = json.dumps({"weights": weights, "data": conversations, "lora": dataclasses.asdict(settings)},
+                         sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_job(folder: Path) -> dict[str, Any] | None:
+    """job.json of a finished job (its adapter in place), or None: a job never run, or killed mid-way."""
+    path = folder / JOB
+    if not path.is_file() or not (folder / "adapter" / "adapter_config.json").is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def base_model_name(base_url: str, api_key: str | None = None) -> str:
+    """The server's name for its base model: the one model it lists that is not an adapter (vLLM lists
+    adapters with a `parent`), by its first name where it has several (one `root`). Several models:
+    name one with `served_model_name=`."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{base_url}/models", timeout=30,
+                             headers={"Authorization": f"Bearer {api_key or os.environ.get('OPENAI_API_KEY', 'none')}"})
+        listed = response.json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        raise UsageError(f"cannot list the models of an OpenAI-compatible server at {base_url} ({exc})") from None
+    bases = [m["id"] for m in listed if not m.get("parent")]
+    if len({m.get("root") or m["id"] for m in listed if not m.get("parent")}) != 1:
+        raise UsageError(f"the server at {base_url} serves {', '.join(bases) or 'no model'}: name its base model "
+                         "with TandemProvider(served_model_name=...)")
+    return bases[0]
