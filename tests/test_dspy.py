@@ -6,8 +6,6 @@ relies on are checked by name. Needs dspy (pip install -e '.[dspy]') and, for th
 import inspect
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -145,33 +143,11 @@ def test_a_refused_dspy_kwarg_is_one_line_before_anything_runs(kwargs, needle, t
     assert not (tmp_path / "jobs").exists()
 
 
-def test_a_server_that_cannot_load_adapters_is_refused_before_training(tiny_model_dir, tmp_path):
-    """A minimal OpenAI-compatible stand-in that lists a model but has no runtime LoRA endpoint."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "x"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):
-            self.send_response(404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_port}/v1"
-    try:
-        lm = dspy.LM("openai/m", api_base=url, api_key="none", provider=TandemProvider(url, out_dir=tmp_path / "jobs"),
-                     finetuning_model=tiny_model_dir)
-        error = lm.finetune(CHAT, TrainDataFormat.CHAT).result()
-    finally:
-        httpd.shutdown()
+def test_a_server_that_cannot_load_adapters_is_refused_before_training(no_lora_server, tiny_model_dir, tmp_path):
+    url = no_lora_server
+    lm = dspy.LM("openai/m", api_base=url, api_key="none", provider=TandemProvider(url, out_dir=tmp_path / "jobs"),
+                 finetuning_model=tiny_model_dir)
+    error = lm.finetune(CHAT, TrainDataFormat.CHAT).result()
     assert isinstance(error, UsageError) and "\n" not in str(error)
     assert str(error).startswith(f"the server at {url} cannot load adapters at runtime: start vLLM's server with "
                                  "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")

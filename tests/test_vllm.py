@@ -254,38 +254,15 @@ def test_an_unreachable_server_is_one_clear_error():
         OpenAIEngine("m", "http://127.0.0.1:9/v1", max_retries=0, timeout=5)
 
 
-def test_a_server_that_cannot_load_adapters_stops_the_weight_step_before_training(tmp_path):
-    """A minimal OpenAI-compatible stand-in without vLLM's runtime LoRA endpoint."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
+def test_a_server_that_cannot_load_adapters_stops_the_weight_step_before_training(no_lora_server, tmp_path):
     from tandem.errors import UsageError
     from tandem.lm.openai_server import OpenAIEngine
     from tandem.settings import LoraSettings, PolicySettings
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "x"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):
-            self.send_response(404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    engine = OpenAIEngine("m", f"http://127.0.0.1:{httpd.server_port}/v1", max_retries=0)
+    engine = OpenAIEngine("m", no_lora_server, max_retries=0)
     with pytest.raises(UsageError, match="cannot load adapters at runtime: start vLLM's server with "
                                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
         engine.finetune([], tmp_path / "adapter", LoraSettings())
     with pytest.raises(UsageError, match="cannot load adapters at runtime"):  # an r step's update alike
         engine.train_policy([], None, tmp_path / "round", LoraSettings(), PolicySettings())
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "round").exists() and engine._trainer is None
-    httpd.shutdown()
