@@ -95,6 +95,14 @@ def attach_adapter(model, name: str, settings: LoraSettings, start: str | Path |
     return peft_model, params, previous
 
 
+def training_autocast(peft_model):
+    """(device, autocast context): a half-precision base computes in its own dtype, the fp32 adapter
+    weights are cast inside; an fp32 base runs without autocast."""
+    device = next(peft_model.parameters()).device
+    base_dtype = next(p for p in peft_model.parameters() if not p.requires_grad).dtype
+    return device, torch.autocast(device.type, dtype=base_dtype, enabled=base_dtype in (torch.bfloat16, torch.float16))
+
+
 def save_adapter(peft_model, name: str, out_dir: str | Path) -> None:
     """Write adapter `name` (PEFT layout, safetensors) to `out_dir`, replacing it whole or not at all."""
     out_dir = Path(out_dir)
@@ -214,10 +222,7 @@ def train_lora(
     forward = peft_model
     if accelerator is not None:
         forward, optimizer = accelerator.prepare(peft_model, optimizer)
-    device = next(peft_model.parameters()).device
-    base_dtype = next(p for p in peft_model.parameters() if not p.requires_grad).dtype
-    half = base_dtype in (torch.bfloat16, torch.float16)
-    autocast = torch.autocast(device.type, dtype=base_dtype, enabled=half)
+    device, autocast = training_autocast(peft_model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     losses: list[float] = []
@@ -390,9 +395,7 @@ def policy_update(trainee: Trainee, calls: Sequence[PolicyCall], start: str | Pa
 
     peft_model, params, previous = attach_adapter(trainee.model, adapter_name, lora, start)
     trainee.model = peft_model
-    device = next(peft_model.parameters()).device
-    base_dtype = next(p for p in peft_model.parameters() if not p.requires_grad).dtype
-    autocast = torch.autocast(device.type, dtype=base_dtype, enabled=base_dtype in (torch.bfloat16, torch.float16))
+    device, autocast = training_autocast(peft_model)
     optimizer = torch.optim.AdamW(params, lr=policy.policy_learning_rate, weight_decay=lora.weight_decay)
     names = {p: n.replace(f".{adapter_name}.", ".") for n, p in peft_model.named_parameters() if p.requires_grad}
     if start is not None and (Path(start).parent / "optimizer.safetensors").exists():
