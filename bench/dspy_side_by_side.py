@@ -149,7 +149,7 @@ class Counters:
 def run_tandem(args, url: str, weights: str, run_dir: Path, counters: Counters) -> list[dict]:
     """`tandem optimize --engine openai` on the server; each step's window is its step.json's time of
     writing less its seconds."""
-    from tandem.optimizers.better_together import parse_strategy, prefix_name
+    from tandem.kinds import parse_strategy, prefix_name
 
     command = [sys.executable, "-m", "tandem", "optimize", "--task", "iris", "--model", weights, "--engine", "openai",
                "--base-url", url, "--served-model-name", args.served_model_name, "--strategy", args.strategy,

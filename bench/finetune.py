@@ -25,7 +25,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from tandem.lm.local import LocalLM, matmul_flops
-    from tandem.lm.training import LoraSettings
+    from tandem.settings import LoraSettings
+    from tandem.training.lora import finetune
     from tandem.prompts import render_messages, render_reply
     from tandem.tasks import load_task
 
@@ -45,7 +46,7 @@ def main() -> None:
     for micro in (int(m) for m in args.micro_batches.split(",")):
         settings = LoraSettings(rank=args.rank, alpha=2 * args.rank, epochs=1, batch_size=max(8, micro), micro_batch_size=micro)
         with tempfile.TemporaryDirectory() as tmp:
-            report = engine.finetune(conversations, f"{tmp}/adapter", settings, progress=False)
+            report = finetune(engine, conversations, f"{tmp}/adapter", settings, progress=False)
         fraction = 6 * params * report.tokens_per_second / peak
         print(f"{micro:>11}{report.tokens:>9}{report.seconds:>9.1f}{report.tokens_per_second:>8.0f}{fraction:>10.1%}"
               f"{report.first_loss:>7.3f} -> {report.last_loss:.3f}")

@@ -12,6 +12,7 @@ from tandem.errors import UsageError
 from tandem.export import export, load_program
 from tandem.optimizers import OptimizeSettings, PromptSettings, better_together
 from tandem.tasks import data_task, load_task
+from tandem.training.lora import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 SIGNATURE = "text -> label"
@@ -118,7 +119,7 @@ def test_the_exported_adapter_loads_with_plain_peft(tiny_model_dir, tmp_path):
 
     class Trains(ScriptedLM):  # scripted replies, real peft training on the tiny model
         def finetune(self, *args, **kwargs):
-            return local.finetune(*args, **kwargs)
+            return finetune(local, *args, **kwargs)
 
     task = data_task(write_rows(tmp_path / "d.jsonl", rows()), SIGNATURE)
     settings = OptimizeSettings(prompts=PromptSettings(2, 2, 1))

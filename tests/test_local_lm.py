@@ -142,7 +142,7 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 
 def test_cache_keys_on_the_engine_fingerprint_not_just_the_name(tmp_path):
-    from tandem.lm import ScriptedLM
+    from tandem import ScriptedLM
 
     fp32, bf16 = ScriptedLM(lambda r: "a", name="m"), ScriptedLM(lambda r: "b", name="m")
     fp32.fingerprint, bf16.fingerprint = "m|float32", "m|bfloat16"
@@ -190,7 +190,7 @@ def test_the_cache_key_changes_with_every_sampling_field():
 
 def test_results_are_matched_to_requests_or_it_is_an_error(tmp_path):
     from tandem.errors import EngineError
-    from tandem.lm import ScriptedLM
+    from tandem import ScriptedLM
     from tandem.lm.batching import DynamicBatcher
 
     class Lossy(ScriptedLM):

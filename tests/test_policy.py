@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tandem import ChainOfThought, Example, GenerationSettings, Program, ScriptedLM
-from tandem.lm.training import PolicyCall, PolicyReport, _reply_logps, policy_tokens
+from tandem.training.policy import _reply_logps, policy_tokens, train_policy
+from tandem.training.reports import PolicyCall, PolicyReport
 from tandem.optimizers import better_together
 from tandem.optimizers.policy import group_advantages, policy_optimize
 from tandem.prompts import forced_spans
@@ -181,7 +182,7 @@ def test_a_policy_update_raises_rewarded_replies_and_lowers_punished_ones(tiny_m
     calls = [PolicyCall("classify", messages, good, 0.5), PolicyCall("classify", messages, bad, -0.5)]
     lora = LoraSettings(rank=4, alpha=8)
     policy = PolicySettings(policy_learning_rate=5e-3, updates_per_round=1)
-    report = lm.train_policy(calls, None, tmp_path / "round", lora, policy, progress=False)
+    report = train_policy(lm, calls, None, tmp_path / "round", lora, policy, progress=False)
     assert report.calls == 2 and report.steps == 1 and report.by_module == {"classify": 2}
 
     def logp(reply, adapter):
@@ -194,7 +195,7 @@ def test_a_policy_update_raises_rewarded_replies_and_lowers_punished_ones(tiny_m
     assert logp(bad, adapter) < logp(bad, None) - 1e-3
     assert (tmp_path / "round" / "optimizer.safetensors").exists()
     # The next round starts from this adapter and its optimizer state, and moves it further.
-    again = lm.train_policy(calls, adapter, tmp_path / "next", lora, policy, progress=False)
+    again = train_policy(lm, calls, adapter, tmp_path / "next", lora, policy, progress=False)
     assert again.steps == 1 and logp(good, str(tmp_path / "next" / "adapter")) > logp(good, adapter)
     lm.close()
 

@@ -8,7 +8,8 @@ import pytest
 from tandem.lm import Request
 from tandem.lm.local import LocalLM
 from tandem.errors import ConfigError
-from tandem.lm.training import LoraSettings, lr_factor, tokenize_chat
+from tandem.settings import LoraSettings
+from tandem.training.lora import finetune, lr_factor, tokenize_chat
 
 
 def conversations():
@@ -30,7 +31,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     before = [c.text for c in lm.generate(prompts())]
     out = tmp_path_factory.mktemp("run") / "adapter"
     settings = LoraSettings(rank=8, alpha=16, learning_rate=1e-2, epochs=8, batch_size=4, micro_batch_size=4)
-    report = lm.finetune(conversations(), out, settings, progress=False)
+    report = finetune(lm, conversations(), out, settings, progress=False)
     after = [c.text for c in lm.generate([Request(r.messages, r.max_new_tokens, adapter=str(out)) for r in prompts()])]
     yield lm, out, report, before, after
     lm.close()
@@ -81,10 +82,10 @@ def test_lora_settings_name_the_bad_field():
 def test_a_handful_of_examples_still_gets_several_optimizer_steps(tiny_model_dir, tmp_path):
     lm = LocalLM(tiny_model_dir, dtype="float32")
     settings = LoraSettings(epochs=2, batch_size=8, micro_batch_size=1, min_steps=1)
-    report = lm.finetune(conversations()[:3], tmp_path / "adapter", settings, progress=False)
+    report = finetune(lm, conversations()[:3], tmp_path / "adapter", settings, progress=False)
     assert report.steps == 6  # batch shrinks to 1 for 3 examples: 3 steps an epoch, not one step in all
     # 4 calls make 2 steps an epoch (batch 2): min_steps repeats the data, whole epochs, until 7 steps are made
-    report = lm.finetune(conversations()[:4], tmp_path / "more", replace(settings, min_steps=7), progress=False)
+    report = finetune(lm, conversations()[:4], tmp_path / "more", replace(settings, min_steps=7), progress=False)
     assert (report.epochs, report.steps) == (4, 8)
     lm.close()
 
@@ -92,7 +93,7 @@ def test_a_handful_of_examples_still_gets_several_optimizer_steps(tiny_model_dir
 def test_training_again_after_serving_an_adapter(trained, tmp_path):
     lm, first, _, _, after = trained  # the fixture generated with `first`, loading it during inference
     settings = LoraSettings(rank=4, alpha=8, learning_rate=1e-2, epochs=2, batch_size=4, micro_batch_size=4, seed=1)
-    report = lm.finetune(conversations(), tmp_path / "second", settings, progress=False)
+    report = finetune(lm, conversations(), tmp_path / "second", settings, progress=False)
     assert report.steps > 0 and (tmp_path / "second" / "adapter_model.safetensors").exists()
     again = [c.text for c in lm.generate([Request(r.messages, r.max_new_tokens, adapter=str(first)) for r in prompts()])]
     assert again == after  # the first adapter still serves the same replies
@@ -118,7 +119,7 @@ def test_the_loop_makes_exactly_the_optimizer_steps_it_reports(tiny_model_dir, t
     rng_before = torch.get_rng_state()
     try:
         settings = LoraSettings(epochs=3, batch_size=4, micro_batch_size=2, min_steps=1)  # 8 calls: 2 steps an epoch
-        report = lm.finetune(conversations(), tmp_path / "adapter", settings, progress=False)
+        report = finetune(lm, conversations(), tmp_path / "adapter", settings, progress=False)
     finally:
         handle.remove()
         lm.close()
@@ -131,11 +132,11 @@ def test_over_long_calls_are_left_out_and_counted_never_cut(tiny_model_dir, tmp_
     lm = LocalLM(tiny_model_dir, dtype="float32")
     long = [[*c[:-2], {"role": "user", "content": "Thing: " + "very " * 200 + "long"}, c[-1]] for c in conversations()[:2]]
     try:
-        report = lm.finetune(conversations()[:4] + long, tmp_path / "adapter", LoraSettings(epochs=1, max_length=128),
+        report = finetune(lm, conversations()[:4] + long, tmp_path / "adapter", LoraSettings(epochs=1, max_length=128),
                              progress=False)
         assert report.examples == 4 and report.dropped_too_long == 2
         with pytest.raises(ConfigError, match="max_length"):
-            lm.finetune(long, tmp_path / "none", LoraSettings(epochs=1, max_length=128), progress=False)
+            finetune(lm, long, tmp_path / "none", LoraSettings(epochs=1, max_length=128), progress=False)
     finally:
         lm.close()
 
@@ -147,7 +148,7 @@ def test_training_under_a_launcher_runs_data_parallel_and_the_engine_serves_it(t
 
     from tandem.lm import Request
     from tandem.lm.local import LocalLM
-    from tandem.lm.train_launch import launch
+    from tandem.training.launch import launch
     from tandem.settings import LoraSettings
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"Answer: {i}"}]}

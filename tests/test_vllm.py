@@ -11,6 +11,8 @@ from tandem.lm import Request  # noqa: E402
 from tandem.lm.local import LocalLM  # noqa: E402
 from tandem.program import ChainOfThought  # noqa: E402
 from tandem.prompts import parse_reply, reply_format  # noqa: E402
+from tandem.training.lora import finetune  # noqa: E402
+from tandem.training.policy import train_policy  # noqa: E402
 
 PROMPTS = ["Hello there.", "What is the capital of France?", "Count to five.",
            "A longer prompt so that the batch holds rows of several lengths."]
@@ -186,7 +188,7 @@ class _AlwaysParses:
 
     def __init__(self, engine):
         self.engine, self.name = engine, engine.name
-        self.finetune = engine.finetune
+        self.training = engine.training  # lends the engine's model to weight steps
 
     def generate(self, requests):
         from tandem.lm import Completion
@@ -235,7 +237,7 @@ def test_a_served_model_name_apart_from_the_weights(server, local, tiny_vllm_mod
     assert record["served_model_name"] == SERVED_NAME and record["model"] == tiny_vllm_model_dir
     assert record["decoding"].startswith("phased-v")  # the weights' tokenizer prices the phases
     adapter = tmp_path / "adapter"
-    engine.finetune([[{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Reply: ok"}]],
+    finetune(engine, [[{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Reply: ok"}]],
                     adapter, LoraSettings(rank=4, alpha=8, epochs=1), progress=False)
     tuned = chat(PROMPTS[1], adapter=str(adapter))
     assert engine.generate([tuned])[0].text == local.generate([tuned])[0].text
@@ -262,7 +264,7 @@ def test_a_server_that_cannot_load_adapters_stops_the_weight_step_before_trainin
     engine = OpenAIEngine("m", no_lora_server, max_retries=0)
     with pytest.raises(UsageError, match="cannot load adapters at runtime: start vLLM's server with "
                                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
-        engine.finetune([], tmp_path / "adapter", LoraSettings())
+        finetune(engine, [], tmp_path / "adapter", LoraSettings())
     with pytest.raises(UsageError, match="cannot load adapters at runtime"):  # an r step's update alike
-        engine.train_policy([], None, tmp_path / "round", LoraSettings(), PolicySettings())
+        train_policy(engine, [], None, tmp_path / "round", LoraSettings(), PolicySettings())
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "round").exists() and engine._trainer is None

@@ -1,9 +1,10 @@
 """tandem: optimize the prompts and the weights of LM programs in tandem (BetterTogether)."""
 
 from .evaluate import EvalResult, evaluate
-from .lm import LM, CachedLM, Completion, Request, ScriptedLM, load_lm
+from .lm import LM, CachedLM, Completion, Request, load_lm
 from .program import ChainOfThought, Example, Predict, Prediction, Program, Run, TraceEntry
 from .prompts import Invalid, ModelOutputError, ParseError, Truncated, parse_reply, render_messages, reply_format
+from .scripted import ScriptedLM
 from .settings import GenerationSettings, OptimizeSettings
 from .signatures import Field, Signature
 

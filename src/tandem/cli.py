@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, TandemError, UsageError
-from .lm import honest_generation
+from .kinds import KINDS, parse_strategy, pretty, results_path
+from .evaluate import evaluate
+from .lm import honest_generation, load_lm
 from .lm.models import cache_root
 from .settings import (
     BUDGETS, ENGINES, DataSettings, EngineSettings, GenerationSettings, JobSettings, OptimizeSettings, add_arguments,
     flag_of, overrides_from_args, resolve_budget, to_dict, with_overrides,
 )
+from .program import Run, trace_as_dict
+from .prompts import placeholder_reply, reply_format
+from .rundir import read_settings, recorded_lm, refuse_changes
+from .scripted import ScriptedLM
 from .tasks import LOADERS, data_task, load_task
 from .tasks.custom import PROGRAMS
 from .tasks.metrics import COMPARISONS
@@ -164,7 +170,6 @@ def _program(task, args):
 
 
 def _lm(args, engine: EngineSettings, lora_rank: int = 16, model: str | None = None):
-    from .lm import load_lm
 
     cache = str(cache_root() / "calls.sqlite") if engine.cache else None
     options = {k: v for k, v in to_dict(engine).items() if k != "cache"}
@@ -197,8 +202,6 @@ def _decoding(generation: GenerationSettings) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-
     _check_positive(args, "limit")
     generation, engine = _settings(GenerationSettings, args), _settings(EngineSettings, args)
     task = _task(args)
@@ -218,8 +221,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"LM calls: {int(u.get('requests', 0))} ({int(hits)} from cache), generated {int(gen)} new tokens, "
           f"{gen / result.seconds:.1f} tok/s")
     if args.output:
-        from .program import trace_as_dict
-
         with open(args.output, "w", encoding="utf-8") as f:
             for r in result.results:
                 row = {"example": dict(r.example), "prediction": r.prediction, "score": r.score, "error": r.error,
@@ -230,10 +231,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_show_prompt(args: argparse.Namespace) -> int:
-    from .lm import ScriptedLM
-    from .program import Run
-    from .prompts import placeholder_reply, reply_format
-
     task = _task(args)
     program = _program(task, args)
     examples = task.split(args.split)
@@ -267,9 +264,12 @@ def _job(args: argparse.Namespace) -> JobSettings:
     return resolve_budget(args.budget, args.task, overrides)
 
 
+# The optimizers, the grid and export import torch (training, engines): each command that runs them imports
+# them itself, so `tandem --help`, show-prompt and a usage error answer without waiting for torch.
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from .optimizers import better_together, parse_strategy
-    from .optimizers.better_together import KINDS, pretty, results_path
+    from .optimizers import better_together
 
     steps = parse_strategy(args.strategy)
     job, engine = _job(args), _settings(EngineSettings, args)
@@ -296,8 +296,6 @@ def _check_folder(run_dir: Path, args: argparse.Namespace, job: JobSettings) -> 
     """Refuse a folder made with other settings before the model loads (the library checks all of it again).
     Not for a server: whether it can constrain decoding, which the settings record, is known once it is
     asked, and asking costs nothing like loading a model."""
-    from .rundir import read_settings, refuse_changes
-
     if getattr(args, "engine", None) == "openai":
         return
     new = job.optimize if args.command == "optimize" else job
@@ -309,8 +307,6 @@ def _check_folder(run_dir: Path, args: argparse.Namespace, job: JobSettings) -> 
 def _resumed(run_dir: Path, engine: EngineSettings) -> EngineSettings:
     """`--dtype auto` resumes a folder in the dtype it recorded: a probe that decides otherwise
     today would make the run refuse its own folder. A dtype named on the command line is still checked."""
-    from .rundir import recorded_lm
-
     dtype = recorded_lm(run_dir).get("dtype")
     if engine.dtype != "auto" or not dtype:
         return engine
@@ -320,7 +316,6 @@ def _resumed(run_dir: Path, engine: EngineSettings) -> EngineSettings:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import parse_strategies, run_grid, table, write_report
-    from .optimizers.better_together import KINDS, parse_strategy
 
     _check_positive(args, "seeds")
     strategies = parse_strategies(args.strategies)

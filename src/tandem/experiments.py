@@ -19,7 +19,9 @@ from typing import Any, Mapping, Sequence
 from .evaluate import describe_failures
 from .lm import honest_generation
 from .lm.base import LM
-from .optimizers.better_together import KINDS, better_together, label, parse_strategy
+from .charts import bar_chart, line_chart
+from .kinds import KINDS, label, parse_strategy
+from .optimizers.better_together import better_together
 from .program import Program
 from .rundir import claim, describe_lm
 from .settings import BUDGETS, JobSettings, resolve_budget, to_dict
@@ -196,39 +198,6 @@ def _mean_metrics(cells: Sequence[Cell]) -> dict[str, tuple[float, float] | None
     return {name: _spread([c.test_metrics.get(name) for c in cells]) for name in names}
 
 
-def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, test_size: int | None = None) -> Path:
-    """Bars per strategy with error bars: the task's metric, and below it one panel per report metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["strategy"] for r in rows]
-    panels = [("test accuracy (%)", [(r["test_mean"] or 0.0, r["test_std"]) for r in rows], True)]
-    for name in dict.fromkeys(name for r in rows for name in r["metrics"]):
-        panels.append((f"{name} (%)", [r["metrics"].get(name) or (0.0, 0.0) for r in rows], False))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(1.1 * len(rows) + 2, 1.2 + 3.0 * len(panels)), sharex=True,
-                             squeeze=False)
-    for ax, (ylabel, values, main) in zip(axes[:, 0], panels):
-        means, errors = [m for m, _ in values], [e for _, e in values]
-        colors = ["#9aa5b1"] + ["#3b7dd8" if main else "#6aa84f"] * (len(rows) - 1)  # vanilla in grey
-        bars = ax.bar(labels, means, yerr=errors, capsize=4, color=colors)
-        for bar, mean, error, row in zip(bars, means, errors, rows):
-            of = f"/{test_size}" if test_size else ""
-            failed = f"\n{row['failed']:.0f}{of} failed" if main and row.get("failed") else ""  # explains a low bar
-            ax.annotate(f"{mean:.1f}{failed}", (bar.get_x() + bar.get_width() / 2, mean + error), ha="center", va="bottom",
-                        xytext=(0, 3), textcoords="offset points", fontsize=9)
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errors)) + 5))
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-    axes[0, 0].set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def write_report(run_dir: str | Path) -> Path:
     """report.md, a PNG chart per task, from the saved cells; the config is read from the run folder."""
     run_dir = Path(run_dir)
@@ -240,7 +209,7 @@ def write_report(run_dir: str | Path) -> Path:
         seeds = max(r["seeds"] for r in rows)
         title = f"{task}, {config.get('model', '')}, mean ± std over {seeds} seed(s)"
         test_size = config.get("settings", {}).get("data", {}).get("test_size")
-        chart = plot(rows, title, run_dir / f"{task}.png", test_size)
+        chart = bar_chart(rows, title, run_dir / f"{task}.png", test_size)
         also = list(dict.fromkeys(name for r in rows for name in r["metrics"]))  # the task's report metrics
         header = ["strategy", "test % (mean ± std)", *[f"{name} %" for name in also], "val %", "failed runs (test)",
                   "seeds", "time per cell (s)", "notes"]
@@ -266,8 +235,6 @@ def write_report(run_dir: str | Path) -> Path:
 def rounds_section(run_dir: Path, task: str) -> list[str]:
     """Val and mean sampled reward per round of every r step in the grid (one line each per seed), as
     one chart: where policy optimization moved the program, and where it only sampled."""
-    from .report import line_chart
-
     steps = []
     for marker in sorted(run_dir.glob("seed-*/*/step.json")):
         record = json.loads(marker.read_text(encoding="utf-8"))

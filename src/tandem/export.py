@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .optimizers.better_together import ZERO_SHOT, parse_strategy, results_path
+from .kinds import ZERO_SHOT, parse_strategy, results_path
 from .program import ChainOfThought, Predict, Program, load_state
 from .prompts import render_messages
 from .rundir import CONFIG

@@ -15,8 +15,7 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
-from .lm.base import FieldFormat, ReplyFormat
-from .lm.grammar import LABEL_SUFFIX, LINE_PREFIX
+from .lm.grammar import LABEL_SUFFIX, LINE_PREFIX, FieldFormat, ReplyFormat, choice_variants
 from .signatures import Field, InvalidValue, Signature
 
 Message = dict[str, str]
@@ -240,8 +239,6 @@ def forced_spans(signature: Signature, reply: str) -> tuple[tuple[int, int], ...
     "setosa" among setosa | versicolor | virginica); the rest of it is forced. Free text, numbers
     and the line breaks that end a field are the model's.
     """
-    from .lm.grammar import choice_variants
-
     fmt = {f.label.lower(): f for f in reply_format(signature).fields}
     matches = list(_label_pattern(signature.outputs).finditer(reply))
     spans = []

@@ -9,7 +9,7 @@ server the program already calls. No merge, no copy of the model, no server rela
     program.set_lm(lm)
 
 A job: DSPy hands the provider the chat data of its program's calls; the provider trains one LoRA
-(`train_lora`, through the openai engine's `finetune`, on a local copy of the weights `finetuning_model`
+(`train_lora`, through `training.finetune` over the openai engine, on a local copy of the weights `finetuning_model`
 names), loads it into the server at runtime (vLLM's /v1/load_lora_adapter; a server that cannot is
 refused before training, in one line) and returns "openai/<adapter name>", which DSPy makes the LM of
 the tuned program. DSPy's `train_kwargs` set tandem's `LoraSettings` where they mean the same thing
@@ -50,9 +50,13 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from ..errors import UsageError
+from ..lm import choose_device
 from ..lm.base import Message
+from ..lm.models import ModelNotFoundError, resolve_model
+from ..lm.openai_server import RUNTIME_LORA_HINT, OpenAIEngine
 from ..rundir import versions, write_json
 from ..settings import LoraSettings
+from ..training.lora import finetune
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +164,6 @@ class TandemProvider(Provider):
     def _engine(self, weights: str):
         """The server as tandem's openai engine, training on `weights`; a server that cannot load adapters
         at runtime is refused here, before anything trains."""
-        from ..lm import choose_device
-        from ..lm.models import ModelNotFoundError, resolve_model
-        from ..lm.openai_server import RUNTIME_LORA_HINT, OpenAIEngine
-
         if weights not in self._engines:
             try:
                 resolve_model(weights)
@@ -184,7 +184,7 @@ class TandemProvider(Provider):
         with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
             for messages in conversations:
                 f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-        report = engine.finetune(conversations, folder / "adapter", settings, progress=self.progress)
+        report = finetune(engine, conversations, folder / "adapter", settings, progress=self.progress)
         record = {
             "weights": weights, "base_url": self.base_url, "calls": len(conversations),
             "lora": dataclasses.asdict(settings),

@@ -1,24 +1,28 @@
-"""Language-model backends behind one protocol: `generate(requests) -> completions`."""
+"""Language-model backends behind one protocol: `generate(requests) -> completions` (base.py), the
+engines (tandem's transformers engine, vLLM, an OpenAI-compatible server), the reply grammar and
+constrained decoding, the call cache, and model resolution. `load_lm` builds the engine a name asks for.
 
+May import: errors, settings. Nothing above it (program, training, optimizers) and no training:
+an engine lends its model to train (`training(rank)`) and serves the adapter that comes back."""
+
+from ..errors import UsageError
+from ..settings import EngineSettings
 from .base import LM, Completion, Request, Usage
 from .cache import CachedLM
 from .models import ModelNotFoundError, resolve_model
-from .scripted import ScriptedLM
 
 
 def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **options) -> LM:
     """`model` on the engine `options` name (fields of `EngineSettings`: engine, dtype, base_url, ...),
     behind the on-disk cache unless `cache` is None. `load_lm("smollm2-135m")` is tandem's own engine.
     `lora_rank`: the rank weight steps will train (vLLM reserves room for adapters up to it)."""
-    from ..settings import EngineSettings
-
     settings = EngineSettings(**{"engine": "transformers", **options})
     kind = choose_engine(settings.engine)
     device = choose_device(settings.device)
     if settings.served_model_name and kind != "openai":
-        from ..errors import UsageError
-
         raise UsageError(f"--served-model-name names a model on a server: it goes with --engine openai, not {kind}")
+    # Each engine is imported when it is asked for: they import torch, and vLLM or the openai client (extras),
+    # which `import tandem` and the CLI's start do not need.
     if kind == "vllm":
         from .vllm import VLLMEngine
 
@@ -27,7 +31,6 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
                             tensor_parallel_size=settings.tensor_parallel_size, eager=settings.eager,
                             max_lora_rank=lora_rank)
     elif kind == "openai":
-        from ..errors import UsageError
         from .openai_server import OpenAIEngine
 
         if not settings.base_url:
@@ -73,5 +76,5 @@ def choose_engine(name: str) -> str:
     return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "transformers"
 
 
-__all__ = ["LM", "Completion", "Request", "Usage", "CachedLM", "ScriptedLM", "ModelNotFoundError", "resolve_model", "load_lm",
+__all__ = ["LM", "Completion", "Request", "Usage", "CachedLM", "ModelNotFoundError", "resolve_model", "load_lm",
            "choose_engine", "choose_device", "honest_generation"]

@@ -1,58 +1,29 @@
 """The LM protocol: a batch of chat requests in, one completion per request out.
 
-Every backend (the local transformers engine, a cache in front of it, the scripted LM of the
-tests, an OpenAI-compatible server later) implements `generate`. Program code never holds a
-global LM: it is passed in explicitly.
+Every backend (tandem's transformers engine, vLLM, an OpenAI-compatible server, a cache in front
+of one, the scripted LM of the tests) implements `generate`; an engine whose weights can be
+trained also lends its model (`Trainable.training`). Program code never holds a global LM: it is
+passed in explicitly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ..errors import ConfigError, EngineError
+from .grammar import ReplyFormat
 
 Message = dict[str, str]
-
-
-@dataclass(frozen=True)
-class FieldFormat:
-    """One output field of a constrained reply: its label, type and choices (see signatures.Field)."""
-
-    label: str
-    type: str = "text"  # text | int | number | choice
-    choices: tuple[str, ...] = ()
-    optional: bool = False  # free text that may be left empty (reasoning)
 
 
 # Which code makes constrained replies: part of their cache keys and of a run's record, so a change to
 # the grammar, the budget or the phases never serves old replies or resumes old steps. Bump it with them.
 DECODING_VERSION = 2
-
-VALUE_TOKENS = {"int": 17, "number": 24}  # the most tokens a typed value can take (one digit a token, sign, dot)
-
-
-@dataclass(frozen=True)
-class ReplyFormat:
-    """The shape a reply must have: `Label: value`, one per output field, in order.
-
-    Engine-neutral: `grammar()` (lm/grammar.py) is an EBNF grammar that xgrammar reads, for the
-    local engine and for vLLM's structured outputs alike, so every engine enforces the same format.
-    Typed values are one line; a choice may be written as declared or capitalized. Free text may
-    run over lines, none of which may begin with one of `line_labels` (the signature's labels,
-    inputs too), so the reply parses back exactly as it was written.
-    """
-
-    fields: tuple[FieldFormat, ...]
-    line_labels: tuple[str, ...] = ()
-
-    def grammar(self, phase: int | None = None) -> str:
-        """The grammar of the whole reply, or of one phase of it (`lm.grammar.reply_grammar`)."""
-        from .grammar import reply_grammar
-
-        return reply_grammar(self, phase)
 
 
 @dataclass(frozen=True)
@@ -111,8 +82,6 @@ def chat_prompt(tokenizer, messages: Sequence[Message]) -> str:
 
 def adapter_key(path: str) -> tuple[str, float]:
     """(folder, newest file time) of a PEFT adapter folder: a rewritten folder is a new adapter."""
-    from pathlib import Path
-
     folder = Path(path).resolve()
     if not (folder / "adapter_config.json").exists():
         raise FileNotFoundError(f"not a PEFT adapter folder (no adapter_config.json): {folder}")
@@ -170,27 +139,27 @@ class Usage:
                 self.completion_tokens += c.completion_tokens
 
 
-class Trainable:
-    """Weight steps on an engine: `finetune` (w, w+) and `train_policy` (r) train one LoRA adapter with
-    peft, on the model the engine's `training(rank)` context lends (see lm/training.py); the engine then
-    serves the adapter by path. An engine writes only `training`: where the trainable model lives
-    (tandem's engine: the one it serves; vLLM and servers: a Hugging Face copy), and what must hold
-    while it trains (a lock, vLLM asleep, a server that can load the result)."""
+@dataclass
+class Trainee:
+    """What an engine lends a training run (`Trainable.training`): the model an adapter is added to,
+    its tokenizer, and the chat renderer that made the prompts the engine served."""
 
-    def finetune(self, conversations, out_dir, settings, progress: bool = True):
-        """Train one LoRA adapter on chat examples; save it (PEFT, safetensors) to `out_dir`."""
-        from .training import train_lora
+    model: Any
+    tokenizer: Any
+    render: Callable[[Sequence[Message]], str]
 
-        with self.training(settings.rank) as trainee:
-            report, trainee.model = train_lora(trainee.model, trainee.tokenizer, trainee.render, conversations, out_dir,
-                                               settings, progress=progress)
-        return report
 
-    def train_policy(self, calls, start, out_dir, lora, policy, progress: bool = True):
-        """One policy-gradient update of the adapter at `start` (None: a new one) on scored calls; the
-        result goes to `out_dir` (`out_dir/adapter`, and the optimizer's state beside it)."""
-        from .training import policy_update
+@runtime_checkable
+class Trainable(Protocol):
+    """An engine whose weights steps can train: `training(rank)` is a context that lends a `Trainee`
+    (tandem's engine: the model it serves, under its lock; vLLM and servers: a Hugging Face copy)
+    and holds what must hold while it trains (vLLM asleep, a server that can load the result). The
+    training itself (LoRA, policy updates) is the training package's, which imports no engine; the
+    engine then serves the adapter by path."""
 
-        with self.training(lora.rank) as trainee:
-            report, trainee.model = policy_update(trainee, calls, start, out_dir, lora, policy, progress=progress)
-        return report
+    def training(self, rank: int) -> AbstractContextManager[Trainee]: ...
+
+
+def can_train(lm: LM, method: str) -> bool:
+    """Whether `lm` can run `method` ("finetune" or "train_policy"): it trains itself, or lends a model."""
+    return getattr(lm, method, None) is not None or isinstance(lm, Trainable)

@@ -21,8 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import EngineError
-from .base import VALUE_TOKENS, ReplyFormat
-from .grammar import choice_variants
+from .grammar import VALUE_TOKENS, ReplyFormat, choice_variants
 
 LATER_TEXT_TOKENS = 24  # room kept for a free-text field that comes after another one (a short answer)
 

@@ -1,4 +1,5 @@
-"""The reply format as an EBNF grammar, in the dialect xgrammar reads (vLLM's structured outputs too).
+"""The reply format (`ReplyFormat`: output fields, labels, types) and its EBNF grammar, in the dialect
+xgrammar reads (vLLM's structured outputs too).
 
     root ::= "Reasoning:" " "? v0 "\\n" "Species:" " "? v1
     v1   ::= "setosa" | "Setosa" | ...
@@ -13,10 +14,40 @@ at an input label's stop string.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from .base import FieldFormat, ReplyFormat
+
+@dataclass(frozen=True)
+class FieldFormat:
+    """One output field of a constrained reply: its label, type and choices (see signatures.Field)."""
+
+    label: str
+    type: str = "text"  # text | int | number | choice
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # free text that may be left empty (reasoning)
+
+
+VALUE_TOKENS = {"int": 17, "number": 24}  # the most tokens a typed value can take (one digit a token, sign, dot)
+
+
+@dataclass(frozen=True)
+class ReplyFormat:
+    """The shape a reply must have: `Label: value`, one per output field, in order.
+
+    Engine-neutral: `grammar()` is an EBNF grammar that xgrammar reads, for the
+    local engine and for vLLM's structured outputs alike, so every engine enforces the same format.
+    Typed values are one line; a choice may be written as declared or capitalized. Free text may
+    run over lines, none of which may begin with one of `line_labels` (the signature's labels,
+    inputs too), so the reply parses back exactly as it was written.
+    """
+
+    fields: tuple[FieldFormat, ...]
+    line_labels: tuple[str, ...] = ()
+
+    def grammar(self, phase: int | None = None) -> str:
+        """The grammar of the whole reply, or of one phase of it (`reply_grammar`)."""
+        return reply_grammar(self, phase)
+
 
 # Digits are bounded so that a model cannot loop on "1111..." until its token limit.
 NUMBERS = {"int": '"-"? [0-9]{1,15}', "number": '"-"? [0-9]{1,15} ("." [0-9]{1,6})?'}
@@ -97,12 +128,12 @@ def free_text_rules(labels: tuple[str, ...]) -> list[str]:
     return rules
 
 
-def choice_variants(f: "FieldFormat") -> list[str]:
+def choice_variants(f: FieldFormat) -> list[str]:
     """How the grammar lets a choice be written: as declared, or with a capital first letter."""
     return list(dict.fromkeys(v for c in f.choices for v in (c, c[:1].upper() + c[1:])))
 
 
-def value_rule(f: "FieldFormat") -> str:
+def value_rule(f: FieldFormat) -> str:
     if f.type == "choice":
         return " | ".join(literal(v) for v in choice_variants(f))
     if f.type in NUMBERS:
@@ -110,7 +141,7 @@ def value_rule(f: "FieldFormat") -> str:
     return "rest" if f.optional else "[^\\n \\t] rest"
 
 
-def reply_grammar(fmt: "ReplyFormat", phase: int | None = None) -> str:
+def reply_grammar(fmt: ReplyFormat, phase: int | None = None) -> str:
     """The whole reply; or, for `phase` i, only what one generation phase writes: field i's value
     and then the next field's label (engines that continue a reply field by field write the first
     label themselves; see `PhasedReply`)."""

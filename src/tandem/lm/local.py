@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
 from .base import (
-    DECODING_VERSION, Completion, Message, Request, Trainable, Usage, adapter_key, chat_prompt, check_results,
+    DECODING_VERSION, Completion, Message, Request, Trainee, Usage, adapter_key, chat_prompt, check_results,
     eos_ids, sampling_seed,
 )
 from .batching import Cancelled, DynamicBatcher
@@ -180,7 +180,7 @@ def _generator(request: Request, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(sampling_seed(request))
 
 
-class LocalLM(Trainable):
+class LocalLM:
     """A Hugging Face causal LM on this machine, served to many threads through dynamic batching."""
 
     def __init__(
@@ -295,7 +295,6 @@ class LocalLM(Trainable):
     @contextlib.contextmanager
     def training(self, rank: int):
         """The served model itself; generation waits while it trains (same lock)."""
-        from .training import Trainee
 
         with self.lock:
             trainee = Trainee(self.model, self.tokenizer, self.prompt_text)

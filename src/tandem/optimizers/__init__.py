@@ -1,4 +1,9 @@
-"""Optimizers, one call shape: (program, lm, train, val, metric, settings) -> new program + typed result."""
+"""Optimizers, one call shape: (program, lm, train, val, metric, settings) -> new program + typed result:
+prompts (fewshot.py, reflect.py), weights (weights.py, policy.py), and the orchestrator that chains them
+(better_together.py).
+
+May import: program, evaluate, prompts, lm, training, kinds, answers, report, rundir, settings. Nothing
+below imports an optimizer; the grid (experiments.py), export and the CLI sit above."""
 
 from ..settings import OptimizeSettings, PromptSettings, WeightSettings
 from .better_together import BetterTogetherResult, better_together, parse_strategy

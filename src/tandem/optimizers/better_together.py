@@ -13,24 +13,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import UsageError
-from ..evaluate import EvalResult, Feedback, Metric, describe_failures, evaluate
+from ..answers import answers, collapse_note, describe_answers
+from ..evaluate import Feedback, Metric, describe_failures, evaluate
+from ..kinds import KINDS, ZERO_SHOT, parse_strategy, prefix_name, pretty, results_path
 from ..lm import honest_generation
 from ..lm.base import LM
 from ..program import Example, Program, load_state
-from ..rundir import claim, data_digest, describe_lm, write_json
 from ..report import write_run_report
+from ..rundir import claim, data_digest, describe_lm, write_json
 from ..settings import OptimizeSettings, to_dict
 from .fewshot import bootstrap_fewshot_rs
-from ..signatures import InvalidValue
-from .weights import bootstrap_finetune, choice_field
+from .policy import policy_optimize
+from .reflect import evolve_instructions
+from .weights import bootstrap_finetune
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class StepContext:
@@ -46,21 +48,6 @@ class StepContext:
     progress: bool = True
     reflection_lm: LM | None = None  # g steps: the LM that reads traces and writes instructions (None: `lm`)
     feedback: Feedback | None = None  # g steps: the task's feedback on a run (None: the gold answer)
-
-
-@dataclass(frozen=True)
-class StepKind:
-    """One kind of step: its token in a strategy string, how the report names it, and how it runs.
-    The parser, the step runner and the reports read this table; a new kind is one entry."""
-
-    token: str  # in a strategy string: "p"
-    symbol: str  # in a grid's row label: "Π"
-    name: str  # what it is, for help texts and reports
-    weights: bool  # trains an adapter: its answers on val are checked for collapse
-    run: Callable[[Program, StepContext], tuple[Program, dict[str, Any]]]  # -> (new program, details)
-    # Markdown lines for the run's report.md from the step's folder and details (a chart, a diff); optional.
-    report: Callable[[Path, dict[str, Any]], list[str]] | None = None
-    reflects: bool = False  # uses the reflection LM: the run folder records which one
 
 
 def _prompts(program: Program, ctx: StepContext):
@@ -79,69 +66,23 @@ def _weights(extended: bool):
 
 
 def _policy(program: Program, ctx: StepContext):
-    from .policy import policy_optimize
-
     result = policy_optimize(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.policy,
                              ctx.settings.weights.lora, out_dir=ctx.folder, seed=ctx.seed,
                              generation=ctx.settings.generation, progress=ctx.progress)
     return result.program, result.summary()
 
 
-def _policy_report(folder: Path, details: dict[str, Any]) -> list[str]:
-    from .policy import report_lines
-
-    return report_lines(folder, details)
-
-
 def _reflect(program: Program, ctx: StepContext):
-    from .reflect import evolve_instructions
-
     result = evolve_instructions(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.reflection,
                                  out_dir=ctx.folder, reflection_lm=ctx.reflection_lm, feedback=ctx.feedback,
                                  seed=ctx.seed, generation=ctx.settings.generation, progress=ctx.progress)
     return result.program, result.summary()
 
 
-def _reflect_report(folder: Path, details: dict[str, Any]) -> list[str]:
-    from .reflect import report_lines
-
-    return report_lines(folder, details)
-
-
-KINDS: dict[str, StepKind] = {k.token: k for k in (
-    StepKind("p", "Π", "prompts: bootstrapped demos, random search (BootstrapFewShotRS)", False, _prompts),
-    StepKind("w", "Θ", "weights: one LoRA on the passing runs' calls (BootstrapFinetune, the paper's)", True,
-             _weights(False)),
-    StepKind("w+", "Θ+", "weights, extended: sampled runs, rationalization, class balance", True, _weights(True)),
-    StepKind("r", "R", "weights by policy optimization over whole program runs (group-relative, mmGRPO)", True,
-             _policy, _policy_report),
-    StepKind("g", "G", "instructions evolved by reflection on traces and feedback (GEPA)", False, _reflect,
-             _reflect_report, reflects=True),
-)}
-ZERO_SHOT = "zero-shot"
-
-
-def parse_strategy(text: str) -> tuple[str, ...]:
-    """`"p -> w -> p"` -> ("p", "w", "p"); anything else is refused with the valid form."""
-    steps = tuple(part.strip().lower().replace(" ", "") for part in str(text).split("->"))
-    if not steps or any(s not in KINDS for s in steps):
-        kinds = ", ".join(f"'{k.token}' ({k.name})" for k in KINDS.values())
-        raise UsageError(f"invalid strategy {text!r}: write steps joined by '->', e.g. 'p -> w -> p'; the steps are "
-                         f"{kinds}")
-    return steps
-
-
-def label(steps: Sequence[str]) -> str:
-    """A grid's row label: ("p", "w") -> "Π→Θ"; no steps: "vanilla"."""
-    return "→".join(KINDS[s].symbol for s in steps) if steps else "vanilla"
-
-
-def prefix_name(steps: Sequence[str]) -> str:
-    return "-".join(steps) if steps else ZERO_SHOT
-
-
-def pretty(steps: Sequence[str]) -> str:
-    return " -> ".join(steps) if steps else ZERO_SHOT
+# How each kind of step runs (the kinds themselves: kinds.py); every runner has the same call shape.
+RUNS: dict[str, Callable[[Program, StepContext], tuple[Program, dict[str, Any]]]] = {
+    "p": _prompts, "w": _weights(False), "w+": _weights(True), "r": _policy, "g": _reflect}
+assert RUNS.keys() == KINDS.keys(), "every step kind in kinds.py needs a runner here"
 
 
 @dataclass
@@ -199,45 +140,11 @@ def _score(program, lm, examples, metric, settings: OptimizeSettings, desc, prog
                   answers(program, r))
 
 
-FAILED = "(failed)"
-COLLAPSE_SHARE = 0.8  # a weight step whose val answers are one class more often than this has collapsed
-
-
-def answers(program: Program, result: EvalResult) -> dict[str, int]:
-    """How often each value of the program's choice-typed answer was given ("setosa": 20), canonical
-    values, failed runs as "(failed)"; empty where the answer is not a choice."""
-    found = choice_field(program, result.results[0].example) if result.results else None
-    if found is None:
-        return {}
-    counts: Counter = Counter()
-    for r in result.results:
-        value = r.prediction.get(found.name) if r.prediction is not None and not r.error else None
-        try:
-            counts[found.check(str(value)) if value is not None else FAILED] += 1
-        except InvalidValue:
-            counts[str(value)] += 1
-    return dict(counts.most_common())
-
-
-def collapse_note(answers: dict[str, int]) -> str | None:
-    """"collapsed: 'setosa' for 20/20 val" when one class (not a failure) takes more than 80% of val."""
-    total = sum(answers.values())
-    top, n = next(iter(answers.items()), (None, 0))
-    if total and top != FAILED and n > COLLAPSE_SHARE * total:
-        return f"collapsed: {top!r} for {n}/{total} val"
-    return None
-
-
-def describe_answers(answers: dict[str, int]) -> str:
-    total = sum(answers.values())
-    return ", ".join(f"{value} {n}/{total}" for value, n in answers.items())
-
-
 def take_step(kind: str, program: Program, ctx: StepContext) -> tuple[Program, dict[str, Any]]:
     """One optimizer step; every kind has the same call shape."""
-    if kind not in KINDS:
+    if kind not in RUNS:
         raise ValueError(f"unknown step kind {kind!r}")
-    return KINDS[kind].run(program, ctx)
+    return RUNS[kind](program, ctx)
 
 
 def load_step(program: Program, folder: Path) -> tuple[Program, StepRecord] | None:
@@ -335,7 +242,3 @@ def better_together(
     write_json(results_path(run_dir, steps), summary)  # one file per strategy: strategies share the folder
     result.report = write_run_report(run_dir, steps)
     return result
-
-
-def results_path(run_dir: str | Path, steps: Sequence[str]) -> Path:
-    return Path(run_dir) / f"results-{prefix_name(steps)}.json"

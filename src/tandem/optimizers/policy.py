@@ -14,7 +14,7 @@ example with each other:
   fail has std 0.43, and its one failure gets advantage -1.7), which on binary rewards means the
   examples that carry least information steer the update. A group whose runs all score the same
   carries no signal: it is skipped and counted.
-- Every module call of a run takes the run's advantage; the update (lm/training.py `policy_update`)
+- Every module call of a run takes the run's advantage; the update (training/policy.py `policy_update`)
   is the clipped policy-gradient objective on the reply tokens the model chose, with the policy
   that sampled the runs as the ratio's reference, averaged per module (mmGRPO's alignment). Tokens
   a grammar forced (labels, the rest of a choice) carry no loss. No KL term by default
@@ -52,12 +52,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..evaluate import EvalResult, Metric, evaluate
-from ..lm.base import LM
-from ..lm.training import PolicyCall
+from ..lm.base import LM, can_train
 from ..program import Example, Program
 from ..prompts import forced_spans
 from ..rundir import write_json
 from ..settings import GenerationSettings, LoraSettings, PolicySettings
+from ..training.policy import train_policy
+from ..training.reports import PolicyCall
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,7 @@ def policy_optimize(
 ) -> PolicyResult:
     """Return the program with the adapter of the round best on val (or `program` itself, if no
     round beat it), after up to `settings.rounds` rounds; finished rounds in `out_dir` are reused."""
-    train_policy = getattr(lm, "train_policy", None)
-    if train_policy is None:
+    if not can_train(lm, "train_policy"):
         raise TypeError(f"LM '{lm.name}' cannot train: r steps need an engine that trains adapters")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,7 @@ def policy_optimize(
         calls = _calls(current, sampled, advantages, generation.constrained)
         report = None
         if calls:
-            report = train_policy(calls, current.adapter, folder, lora, settings, progress=progress)
+            report = train_policy(lm, calls, current.adapter, folder, lora, settings, progress=progress)
             current = current.clone()
             current.adapter = str((folder / "adapter").resolve())
         else:
@@ -256,29 +256,3 @@ def policy_optimize(
     return PolicyResult(best, rounds, start_val, best_round, notes)
 
 
-def report_lines(folder: Path, details: dict[str, Any]) -> list[str]:
-    """The r step's part of a run report: a chart of val and mean reward per round, and a table."""
-    from ..report import line_chart
-
-    rounds = details.get("rounds", [])
-    if not rounds:
-        return ["(no rounds)"]
-    x = [0] + [r["round"] for r in rounds]
-    chart = line_chart(folder / "rounds.png", f"r step: {folder.name}", x,
-                       {"val %": [details.get("start_val")] + [r["val"] for r in rounds],
-                        "mean reward of sampled runs %": [None] + [r["reward_mean"] for r in rounds]},
-                       "round (0: the program the step started from)", "%", mark=details.get("best_round"))
-    lines = [f"![r step rounds]({folder.name}/{chart.name})", "",
-             "| round | val % | reward % | groups skipped | calls trained | loss | clipped | rollout s | update s "
-             "| train tok/s | failed runs |", "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| 0 (start) | {details.get('start_val', 0):.1f} | | | | | | | | | |"]
-    for r in rounds:
-        val = "-" if r["val"] is None else f"{r['val']:.1f}"
-        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-        clip = "-" if r["clip_fraction"] is None else f"{100 * r['clip_fraction']:.0f}%"
-        failed = ", ".join(f"{n} {kind}" for kind, n in r["failures"].items())
-        mark = " ← kept" if r["round"] == details.get("best_round") else ""
-        lines.append(f"| {r['round']}{mark} | {val} | {r['reward_mean']:.1f} | {r['skipped_groups']}/{r['groups']} | "
-                     f"{r['calls']} | {loss} | {clip} | {r['rollout_seconds']:.0f} | {r['update_seconds']:.0f} | "
-                     f"{r['tokens_per_second']:.0f} | {failed} |")
-    return lines

@@ -465,34 +465,3 @@ def _failures(results: Sequence[ExampleResult | None]) -> dict[str, int]:
 
 
 # -- the report -------------------------------------------------------------------------------
-
-
-def _cell(text: str) -> str:
-    """Text in a markdown table cell: pipes escaped, line breaks as <br>."""
-    return (text or "(none)").replace("|", "\\|").replace("\n", "<br>")
-
-
-def report_lines(folder: Path, details: dict[str, Any]) -> list[str]:
-    """The g step's section of report.md: the reflection LM, what was spent, each module's
-    instructions before and after side by side, and every candidate scored on val."""
-    reflector = details.get("reflection_lm", {})
-    who = "the task's own LM" if details.get("reflection_lm_is_task_lm") else "another model"
-    candidates = details.get("candidates", [])
-    lines = [f"Reflection LM: {reflector.get('model', '?')} on {reflector.get('engine', '?')} ({who}). "
-             f"Proposals: {len(details.get('proposals', []))}; candidates scored on val besides the starting "
-             f"instructions: {max(len(candidates) - 1, 0)}; metric calls: {details.get('metric_calls', 0)} of "
-             f"{details.get('max_metric_calls', 0)}; kept: candidate {details.get('best_candidate', 0)}.", "",
-             "| module | instructions before | instructions after |", "|---|---|---|"]
-    before, after = details.get("instructions_before", {}), details.get("instructions_after", {})
-    for name in before:
-        mark = "" if before[name] == after.get(name) else " (changed)"
-        lines.append(f"| {name}{mark} | {_cell(before[name])} | {_cell(after.get(name, ''))} |")
-    if candidates:
-        lines += ["", "| candidate | parent | module changed | val % | failed (val) |", "|---|---|---|---|---|"]
-        for c in candidates:
-            parent = ", ".join(map(str, c["parents"])) or "-"
-            lines.append(f"| {c['index']} | {parent} | {', '.join(c['changed']) or '-'} | {c['val']:.1f} | "
-                         f"{c.get('val_errors', 0)} |")
-    lines += ["", "A later weight step trains on prompts rendered with these instructions; as in the paper it drops "
-              "the demos, never the instructions."]
-    return lines

@@ -30,13 +30,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..answers import choice_field
+from ..errors import UsageError
 from ..evaluate import Metric, evaluate
-from ..lm.base import LM
-from ..lm.training import TrainReport
+from ..lm.base import LM, can_train
 from ..program import Example, Prediction, Program, TraceEntry
 from ..prompts import render_messages, render_reply
 from ..settings import ExtendedWeightSettings, GenerationSettings, WeightSettings
-from ..signatures import Field, InvalidValue
+from ..signatures import InvalidValue
+from ..training.launch import launch
+from ..training.lora import finetune
+from ..training.reports import TrainReport
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +183,6 @@ def talks_about_hint(trace: Sequence[TraceEntry]) -> bool:
     return any(e.reply and _HINT_TALK.search(e.reply) for e in trace)
 
 
-def choice_field(program: Program, example: Example) -> Field | None:
-    """The first choice-typed output field the example has a label for."""
-    for predictor in program.predictors():
-        for f in predictor.signature.outputs:
-            if f.type == "choice" and f.name in example:
-                return f
-    return None
-
-
 def balance(kept: list[_Kept], train: Sequence[Example], program: Program) -> tuple[list[_Kept], str | None]:
     """No class keeps more than twice the runs of the smallest class that has any; earlier runs in
     `kept` (runs, then sampled, then rationalized) are kept first.
@@ -277,11 +272,8 @@ def gather_runs(program: Program, lm: LM, train: Sequence[Example], metric: Metr
 
 
 def _launch(launcher: str, lm: LM, out_dir: Path, lora) -> TrainReport:
-    """Training in processes of their own (lm/train_launch.py) from the engine's model folder;
+    """Training in processes of their own (training/launch.py) from the engine's model folder;
     an engine that loads adapters by path (all of tandem's) serves the result like any other."""
-    from ..errors import UsageError
-    from ..lm.train_launch import launch
-
     path = getattr(lm, "path", None)
     if path is None:
         raise UsageError(f"--launcher trains from the model's own folder, and LM '{lm.name}' names none")
@@ -326,14 +318,13 @@ def bootstrap_finetune(
     with open(out_dir / "train.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finetune = getattr(lm, "finetune", None)
-    if finetune is None:
+    if not can_train(lm, "finetune"):
         raise TypeError(f"LM '{lm.name}' cannot fine-tune: weight steps need the local engine")
     lora = replace(settings.lora, seed=seed)
     if settings.launcher:
         report = _launch(settings.launcher, lm, out_dir, lora)
     else:
-        report = finetune([row["messages"] for row in rows], out_dir / "adapter", lora, progress=progress)
+        report = finetune(lm, [row["messages"] for row in rows], out_dir / "adapter", lora, progress=progress)
 
     new = program.clone()
     new.adapter = str((out_dir / "adapter").resolve())

@@ -1,5 +1,7 @@
 """The paper's three tasks, one file each (data and splits, the program, the metric), and tasks of
-your own: a Python file or module (`path/to/file.py:NAME`), or data files plus a signature."""
+your own: a Python file or module (`path/to/file.py:NAME`), or data files plus a signature.
+
+May import: program, signatures, evaluate, retrieve, errors. Never an LM engine, an optimizer or the CLI."""
 
 from __future__ import annotations
 

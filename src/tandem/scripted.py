@@ -1,11 +1,15 @@
-"""A scripted LM for unit tests: replies come from a function of the request, no model needed."""
+"""A scripted LM for unit tests: replies come from a function of the request, no model needed; a
+trainable one records what weight steps would train on."""
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Callable, Sequence
 
-from .base import Completion, Request, Usage
+from .lm.base import Completion, Request, Usage
+from .training.reports import TrainReport
 
 
 class ScriptedLM:
@@ -37,11 +41,6 @@ class ScriptedLM:
 
     def finetune(self, conversations, out_dir, settings, progress: bool = True):
         """Records the data and writes a marker adapter folder; replies do not change."""
-        import json
-        from pathlib import Path
-
-        from .training import TrainReport
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "adapter_config.json").write_text(json.dumps({"scripted": True, "seed": settings.seed}))

@@ -1,6 +1,6 @@
 """A weight step's training in processes of its own, one per GPU, started by an existing launcher.
 
-    torchrun --nproc-per-node 4 -m tandem.lm.train_launch --model PATH --data train.jsonl --out adapter \\
+    torchrun --nproc-per-node 4 -m tandem.training.launch --model PATH --data train.jsonl --out adapter \\
         --settings '{"rank": 16, ...}' --dtype bfloat16
 
 The weight step runs this itself when `--launcher "torchrun --nproc-per-node 4"` (or `"accelerate
@@ -19,17 +19,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from ..errors import EngineError
+from ..lm.base import chat_prompt
 from ..settings import LoraSettings, from_dict, to_dict
+from .lora import TrainReport, train_lora
 
 log = logging.getLogger(__name__)
 
 
 def launch(launcher: str, model: str, dtype: str, data: Path, out_dir: Path, settings: LoraSettings):
     """Run the training under `launcher` and return its TrainReport (read from training.json)."""
-    from .training import TrainReport
-
-    command = shlex.split(launcher) + ["-m", "tandem.lm.train_launch", "--model", model, "--data", str(data),
+    command = shlex.split(launcher) + ["-m", "tandem.training.launch", "--model", model, "--data", str(data),
                                        "--out", str(out_dir), "--dtype", dtype, "--settings",
                                        json.dumps(to_dict(settings))]
     log.info("training under a launcher: %s", " ".join(shlex.quote(c) for c in command))
@@ -48,20 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="train.jsonl as a weight step writes it")
     parser.add_argument("--out", required=True, help="adapter folder to write")
     parser.add_argument("--settings", required=True, help="LoraSettings as JSON")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
 
-    import torch
+    # accelerate: only a launched training process needs it (imported here, not when a step starts one).
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .base import chat_prompt
-    from .local import DTYPES
-    from .training import train_lora
-
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # on CPUs: gloo across processes
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(accelerator.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(accelerator.device)
 
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     settings = from_dict(LoraSettings, json.loads(args.settings))

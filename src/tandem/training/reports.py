@@ -1,0 +1,58 @@
+"""What training takes and gives back, as plain data (no torch): a LoRA run's `TrainReport`, a policy
+update's `PolicyCall`s and `PolicyReport`. The scripted LM of the tests returns these too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..lm.base import Message
+
+
+@dataclass
+class TrainReport:
+    examples: int  # training calls trained on
+    tokens: int  # tokens processed over all epochs, padding excluded
+    target_tokens: int
+    steps: int  # optimizer steps taken, counted in the loop
+    seconds: float
+    first_loss: float
+    last_loss: float
+    losses: list[float]
+    dropped_too_long: int = 0  # calls left out because they exceed max_length
+    learning_rates: list[float] = field(default_factory=list)  # per optimizer step
+    epochs: int = 0  # passes over the data: the setting's, or more to reach min_steps
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class PolicyCall:
+    """One module call of a sampled program run, with its run's advantage."""
+
+    module: str
+    messages: list[Message]  # the prompt exactly as it was sent
+    reply: str  # what came back
+    advantage: float
+    forced: tuple[tuple[int, int], ...] = ()  # character spans of `reply` the grammar wrote, not the model
+
+
+@dataclass
+class PolicyReport:
+    calls: int  # calls trained on
+    tokens: int  # reply tokens the model chose: the ones that carry loss
+    forced_tokens: int  # reply tokens the grammar wrote: no loss
+    prompt_tokens: int
+    steps: int  # optimizer steps
+    seconds: float
+    loss: float  # mean over steps
+    clip_fraction: float  # share of loss tokens whose ratio was clipped
+    kl: float | None  # mean per-token KL estimate to the base model, when kl_coef > 0
+    by_module: dict[str, int] = field(default_factory=dict)  # calls trained on per module
+    dropped_too_long: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Sequence tokens through the trainer (prompt and reply, each forward and backward) per second."""
+        return (self.prompt_tokens + self.tokens + self.forced_tokens) / self.seconds if self.seconds else 0.0
