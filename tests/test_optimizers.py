@@ -168,7 +168,8 @@ def test_weight_step_trains_one_adapter_on_every_modules_calls(tmp_path):
     lm = ScriptedLM(smart, trainable=True)
     program = Double()
     program.answer.demos = [{"rewritten": "9", "reasoning": "r", "double": "18"}]
-    result = bootstrap_finetune(program, lm, data([1, 2, 4]), data([7]), metric, out_dir=tmp_path, progress=False)
+    result = bootstrap_finetune(program, lm, data([1, 2, 4]), data([7]), metric, WeightSettings(keep_checkpoint="last"),
+                                out_dir=tmp_path, progress=False)
     assert result.trained and result.successful_runs == 3 and result.conversations == 6
     (conversations,) = lm.finetuned
     assert len(conversations) == 6

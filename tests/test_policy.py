@@ -1,7 +1,6 @@
 """The r step: group-relative policy optimization over program runs. Optimizer logic with a scripted
 LM that trains marker adapters; the update itself on the tiny model with real peft."""
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -237,6 +236,8 @@ def test_the_engine_serves_each_rounds_adapter_without_restarting(tiny_model_dir
 
 
 def test_a_weight_step_that_answers_one_class_is_flagged_as_collapsed(tmp_path):
+    """Kept as the paper would (its last checkpoint), a collapsed adapter is flagged; kept by val (the
+    default), the step returns its start and says the checkpoints collapsed."""
     def reply(request):
         if request.adapter:  # after the weight step: one class for everything
             return "Reasoning: they all look alike to me now\nSpecies: setosa"
@@ -245,8 +246,14 @@ def test_a_weight_step_that_answers_one_class_is_flagged_as_collapsed(tmp_path):
 
     lm = ScriptedLM(reply, trainable=True)
     val = flowers("val", 6)
+    by_val = better_together(Classify(), lm, "p -> w", flowers("train", 6), val, flowers("test", 3), metric,
+                             OptimizeSettings(), run_dir=tmp_path / "best", progress=False)
+    assert by_val.steps[2].val_answers == by_val.steps[1].val_answers and by_val.steps[2].val == by_val.steps[1].val
+    assert by_val.steps[2].details["notes"][-1].startswith("kept the start: no checkpoint beat its val 100.0 (step 1 "
+                                                           "(epoch 1): val 33.3, collapsed: 'setosa' for 6/6;")
+    last = WeightSettings(keep_checkpoint="last")
     result = better_together(Classify(), lm, "p -> w", flowers("train", 6), val, flowers("test", 3), metric,
-                             OptimizeSettings(), run_dir=tmp_path, progress=False)
+                             OptimizeSettings(weights=last), run_dir=tmp_path, progress=False)
     prompts, weights = result.steps[1], result.steps[2]
     assert weights.val_answers == {"setosa": 6}
     assert "collapsed: 'setosa' for 6/6 val" in weights.details["notes"]

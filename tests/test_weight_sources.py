@@ -44,7 +44,8 @@ def reply(request):
 
 def finetune(tmp_path, extended, respond=reply, program=None, examples=None, score=metric, **options):
     lm = ScriptedLM(respond, trainable=True)
-    settings = WeightSettings(extended=ExtendedWeightSettings(**options))
+    # The data a step trains on, not which checkpoint it keeps (tests/test_checkpoints.py): no val runs.
+    settings = WeightSettings(extended=ExtendedWeightSettings(**options), keep_checkpoint="last")
     examples = examples or data()
     result = bootstrap_finetune(program or Classify(), lm, examples, examples, score, settings, out_dir=tmp_path,
                                 progress=False, extended=extended)

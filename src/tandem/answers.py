@@ -4,10 +4,28 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 from .evaluate import EvalResult
 from .program import Example, Program
 from .signatures import Field, InvalidValue
+
+@dataclass
+class ValScore:
+    """A program's val score, its failed runs and its answers: what picks a step's checkpoint."""
+
+    score: float
+    errors: int = 0
+    answers: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, program: Program, result: EvalResult) -> "ValScore":
+        return cls(result.score, result.n_errors, answers(program, result))
+
+    def beats(self, other: "ValScore") -> bool:
+        """Strictly better: a higher score, or as high with fewer failed runs (a tie keeps `other`)."""
+        return (self.score, -self.errors) > (other.score, -other.errors)
+
 
 FAILED = "(failed)"
 COLLAPSE_SHARE = 0.8  # a weight step whose val answers are one class more often than this has collapsed

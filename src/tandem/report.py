@@ -1,5 +1,6 @@
 """A BetterTogether run's report.md: every step's scores, its notes (a collapsed weight step is
-flagged), the answers it gave on val, and what each kind adds (an r step's per-round chart).
+flagged), the answers it gave on val, and what each kind adds (a weight step's val by checkpoint, an
+r step's per-round chart, a g step's instructions before and after).
 
 Written from the run folder alone (results-<strategy>.json and each step's step.json), so a
 report can be rebuilt from any finished run. It reads records and draws them: it imports no optimizer.
@@ -42,6 +43,27 @@ def write_run_report(run_dir: str | Path, steps: Sequence[str]) -> Path:
     path = run_dir / f"report-{'-'.join(steps) or 'zero-shot'}.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def checkpoint_section(folder: Path, details: dict[str, Any]) -> list[str]:
+    """A w or w+ step's part of a run report: val by optimizer step, its start at step 0, and which
+    checkpoint the step kept (a chart and a table)."""
+    checkpoints = details.get("checkpoints", [])
+    if not checkpoints:
+        return [f"Kept its last checkpoint ({'keep_checkpoint=last' if details.get('trained') else 'nothing trained'});"
+                " no checkpoint was scored on val."]
+    kept = details.get("kept_step")
+    chart = line_chart(folder / "checkpoints.png", f"weight step: {folder.name}", [c["step"] for c in checkpoints],
+                       {"val %": [c["val"] for c in checkpoints]}, "optimizer step (0: the program the step started "
+                       "from)", "%", mark=kept)
+    lines = [f"![val by checkpoint]({folder.name}/{chart.name})", "",
+             "| checkpoint | epoch | val % | failed (val) | answers on val |", "|---|---|---|---|---|"]
+    for c in checkpoints:
+        mark = " ← kept" if c["step"] == kept else ""
+        name = "start" if c["step"] == 0 else f"step {c['step']}"
+        answers = ", ".join(f"{value} {n}" for value, n in c["answers"].items())
+        lines.append(f"| {name}{mark} | {c['epoch']:g} | {c['val']:.1f} | {c['val_errors']} | {answers} |")
+    return lines
 
 
 def policy_section(folder: Path, details: dict[str, Any]) -> list[str]:
@@ -102,4 +124,5 @@ def reflect_section(folder: Path, details: dict[str, Any]) -> list[str]:
 
 
 # What a kind adds to the report, from its folder and details (a chart, a diff); kinds without one add nothing.
-SECTIONS: dict[str, Callable[[Path, dict[str, Any]], list[str]]] = {"r": policy_section, "g": reflect_section}
+SECTIONS: dict[str, Callable[[Path, dict[str, Any]], list[str]]] = {
+    "w": checkpoint_section, "w+": checkpoint_section, "r": policy_section, "g": reflect_section}

@@ -39,11 +39,20 @@ class ScriptedLM:
             self.usage.add(out)
         return out
 
-    def finetune(self, conversations, out_dir, settings, progress: bool = True):
-        """Records the data and writes a marker adapter folder; replies do not change."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "adapter_config.json").write_text(json.dumps({"scripted": True, "seed": settings.seed}))
+    def finetune(self, conversations, out_dir, settings, progress: bool = True, checkpoint_dir=None):
+        """Records the data and writes marker adapter folders: one optimizer step an epoch, a checkpoint
+        after each (`checkpoint_dir/step-NNNN`, the last being `out_dir`); replies do not change unless
+        `respond` reads `request.adapter`."""
+        checkpoints = []
+        for step in range(1, settings.epochs + 1):
+            last = step == settings.epochs
+            if not last and checkpoint_dir is None:
+                continue
+            out = Path(out_dir) if last else Path(checkpoint_dir) / f"step-{step:04d}"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "adapter_config.json").write_text(json.dumps({"scripted": True, "seed": settings.seed, "step": step}))
+            checkpoints.append({"step": step, "epoch": float(step), "path": str(out)})
         with self._lock:
             self.finetuned.append(list(conversations))
-        return TrainReport(len(conversations), 0, 0, 0, 0.0, 0.0, 0.0, [])
+        return TrainReport(len(conversations), 0, 0, settings.epochs, 0.0, 0.0, 0.0, [], epochs=settings.epochs,
+                           checkpoints=checkpoints if checkpoint_dir is not None else [])

@@ -120,6 +120,8 @@ class LoraSettings(Settings):
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     min_steps: int = setting(10, "fewest optimizer steps a weight step makes: small data is repeated (more epochs) "
                                  "until it reaches them; the report says how many it made", ge=1)
+    checkpoint_every: int = setting(0, "optimizer steps between the checkpoints a weight step scores on val (the last "
+                                       "step always is one); 0: one at the end of every epoch", ge=0)
     target_modules: str | tuple[str, ...] = setting("all-linear", "modules that get LoRA weights", cli=False)
     seed: int = setting(0, "initialisation and shuffling seed (set per step by the optimizer)", cli=False)
 
@@ -159,6 +161,11 @@ class WeightSettings(Settings):
                                          "'torchrun --nproc-per-node 4' or 'accelerate launch --num_processes 4' "
                                          "(data parallel); default: in this process")
     metric_threshold: float = setting(1.0, "a run gives training calls when its metric is at least this")
+    keep_checkpoint: str = setting("best", "which program a weight step (w, w+, r) returns: best, the best on val of "
+                                           "its checkpoints (w, w+: see --checkpoint-every; r: its rounds) and the "
+                                           "program it started from, so a step never returns a program worse on "
+                                           "val than its start; last, its last checkpoint, as the paper did",
+                                   choices=("best", "last"))
 
 
 @dataclass(frozen=True)
@@ -236,7 +243,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": dict(train_size=15, val_size=20, test_size=50, num_candidates=2, max_bootstrapped_demos=3,
                  max_labeled_demos=3, epochs=2, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=96,
                  rounds=4, round_examples=6, group_size=8, policy_learning_rate=5e-4, val_every=2,
-                 max_metric_calls=46, reflection_max_tokens=128),
+                 max_metric_calls=46, reflection_max_tokens=128, checkpoint_every=4),
     "small": dict(train_size=50, val_size=50, test_size=100, num_candidates=4, max_bootstrapped_demos=3,
                   max_labeled_demos=3, epochs=3, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=256,
                   rounds=8, round_examples=8, group_size=8, policy_learning_rate=2e-4, val_every=2,
@@ -244,7 +251,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "paper": dict(train_size=100, val_size=250, test_size=1500, num_candidates=6, max_bootstrapped_demos=3,
                   max_labeled_demos=3, epochs=5, learning_rate=1e-4, rank=32, alpha=64, max_new_tokens=1024,
                   constrained=False, rounds=20, round_examples=16, group_size=8, policy_learning_rate=5e-5,
-                  max_metric_calls=2000, reflection_max_tokens=1024),
+                  max_metric_calls=2000, reflection_max_tokens=1024, keep_checkpoint="last"),
 }
 PAPER_IRIS = {"train_size": 15, "val_size": 35}
 

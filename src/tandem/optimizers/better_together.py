@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..answers import answers, collapse_note, describe_answers
+from ..answers import ValScore, answers, collapse_note, describe_answers
 from ..evaluate import Feedback, Metric, describe_failures, evaluate
 from ..kinds import KINDS, ZERO_SHOT, parse_strategy, prefix_name, pretty, results_path
 from ..lm import honest_generation
@@ -48,6 +48,7 @@ class StepContext:
     progress: bool = True
     reflection_lm: LM | None = None  # g steps: the LM that reads traces and writes instructions (None: `lm`)
     feedback: Feedback | None = None  # g steps: the task's feedback on a run (None: the gold answer)
+    start: ValScore | None = None  # the program's val score, from the step before: weight steps keep the best
 
 
 def _prompts(program: Program, ctx: StepContext):
@@ -60,7 +61,7 @@ def _weights(extended: bool):
     def run(program: Program, ctx: StepContext):
         result = bootstrap_finetune(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.weights,
                                     out_dir=ctx.folder, seed=ctx.seed, generation=ctx.settings.generation,
-                                    progress=ctx.progress, extended=extended)
+                                    progress=ctx.progress, extended=extended, start=ctx.start)
         return result.program, result.summary()
     return run
 
@@ -68,7 +69,8 @@ def _weights(extended: bool):
 def _policy(program: Program, ctx: StepContext):
     result = policy_optimize(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.policy,
                              ctx.settings.weights.lora, out_dir=ctx.folder, seed=ctx.seed,
-                             generation=ctx.settings.generation, progress=ctx.progress)
+                             generation=ctx.settings.generation, progress=ctx.progress,
+                             keep=ctx.settings.weights.keep_checkpoint)
     return result.program, result.summary()
 
 
@@ -212,8 +214,10 @@ def better_together(
         details: dict[str, Any] = {}
         if depth > 0:
             # Each depth gets its own seed so that "p -> p" does not redraw the same candidates.
+            before = records[-1]
             ctx = StepContext(lm, train, val, metric, settings, folder, seed=settings.seed * 100 + depth,
-                              progress=progress, reflection_lm=reflection_lm, feedback=feedback)
+                              progress=progress, reflection_lm=reflection_lm, feedback=feedback,
+                              start=ValScore(before.val, before.val_errors, before.val_answers))
             current, details = take_step(steps[depth - 1], current, ctx)
         val_ = _score(current, lm, val, metric, settings, f"{prefix_name(prefix)} val", progress)
         test_ = _score(current, lm, test, metric, settings, f"{prefix_name(prefix)} test", progress, report_metrics)

@@ -167,9 +167,11 @@ def policy_optimize(
     seed: int = 0,
     generation: GenerationSettings = GenerationSettings(),
     progress: bool = True,
+    keep: str = "best",
 ) -> PolicyResult:
     """Return the program with the adapter of the round best on val (or `program` itself, if no
-    round beat it), after up to `settings.rounds` rounds; finished rounds in `out_dir` are reused."""
+    round beat it), after up to `settings.rounds` rounds; finished rounds in `out_dir` are reused.
+    `keep="last"`: the last round's, whatever val says (WeightSettings.keep_checkpoint)."""
     if not can_train(lm, "train_policy"):
         raise TypeError(f"LM '{lm.name}' cannot train: r steps need an engine that trains adapters")
     out_dir = Path(out_dir)
@@ -240,7 +242,7 @@ def policy_optimize(
                  "-" if val_score is None else f"{val_score:.1f}%", seconds)
 
     scored = [(0, start_val)] + [(r.round, r.val) for r in rounds if r.val is not None]
-    best_round, best_val = max(scored, key=lambda rv: rv[1])  # ties: the earlier round
+    best_round, best_val = max(scored, key=lambda rv: rv[1]) if keep == "best" else scored[-1]  # ties: the earlier
     best = program.clone()
     if best_round:
         adapter = rounds[best_round - 1].adapter
@@ -248,7 +250,8 @@ def policy_optimize(
     skipped = sum(r.skipped_groups for r in rounds)
     total = sum(r.groups for r in rounds)
     notes = [f"{len(rounds)} rounds of {settings.round_examples} examples x {settings.group_size} runs; "
-             f"kept round {best_round} by val ({best_val:.1f}%, start {start_val:.1f}%)",
+             f"kept round {best_round} {'by val' if keep == 'best' else '(the last: keep_checkpoint=last)'} "
+             f"({best_val:.1f}%, start {start_val:.1f}%)",
              f"{skipped}/{total} groups skipped (every run scored alike); "
              f"{sum(r.steps for r in rounds)} optimizer steps"]
     if best_round == 0:

@@ -18,6 +18,13 @@ prompts are rendered without demos and the returned program has none, the paper'
 - balance: where the answer is a choice field, no class (a canonical choice) keeps more than twice
   the runs of the smallest class, so the class a weak model happens to favour cannot take the
   adapter over; earlier sources are kept first (runs, then sampled, then rationalized).
+
+Do no harm, by validation (`keep_checkpoint="best"`, the default): training saves checkpoints on the
+way (every epoch, or every `checkpoint_every` optimizer steps), each is scored on val, and the step
+returns the best of them and of the program it started from; a tie keeps the start, then the earlier
+checkpoint. So a weight step that only hurt (a LoRA collapsed to one class, say) returns its input
+unchanged, demos included. Test is never read. `keep_checkpoint="last"` returns the last checkpoint,
+as the paper did.
 """
 
 from __future__ import annotations
@@ -26,11 +33,11 @@ import json
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..answers import choice_field
+from ..answers import ValScore, choice_field, collapse_note
 from ..errors import UsageError
 from ..evaluate import Metric, evaluate
 from ..lm.base import LM, can_train
@@ -48,6 +55,27 @@ NO_TRACES = "no successful traces, weights unchanged"
 
 
 @dataclass
+class Checkpoint:
+    """A weight step's candidate program on val: its start (step 0) or the adapter after an optimizer step."""
+
+    step: int
+    epoch: float
+    adapter: str | None
+    val: float
+    val_errors: int
+    answers: dict[str, int]
+
+    @property
+    def score(self) -> ValScore:
+        return ValScore(self.val, self.val_errors, self.answers)
+
+    def describe(self) -> str:
+        where = "the start" if self.step == 0 else f"step {self.step} (epoch {self.epoch:g})"
+        collapsed = collapse_note(self.answers)
+        return f"{where}: val {self.val:.1f}" + (f", {collapsed.removesuffix(' val')}" if collapsed else "")
+
+
+@dataclass
 class WeightResult:
     program: Program
     trained: bool
@@ -61,6 +89,8 @@ class WeightResult:
     calls_by_source: dict[str, int] = field(default_factory=dict)  # module calls trained on, by source
     balance_dropped: int = 0  # runs left out so that no class takes over
     hint_dropped: int = 0  # rationalized runs left out because a reply talks about the hint
+    checkpoints: list[Checkpoint] = field(default_factory=list)  # the start (step 0), then each one scored on val
+    kept_step: int | None = None  # the checkpoint returned (0: the start); None where none was chosen by val
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"trained": self.trained, "successful_runs": self.successful_runs,
@@ -69,6 +99,9 @@ class WeightResult:
                                "trace_failures": self.trace_failures, "sources": self.sources,
                                "calls_by_source": self.calls_by_source, "balance_dropped": self.balance_dropped,
                                "hint_dropped": self.hint_dropped}
+        if self.checkpoints:
+            out["checkpoints"] = [asdict(c) for c in self.checkpoints]
+            out["kept_step"] = self.kept_step
         if self.report:
             r = self.report
             out["training"] = {"examples": r.examples, "tokens": r.tokens, "steps": r.steps, "epochs": r.epochs,
@@ -271,7 +304,7 @@ def gather_runs(program: Program, lm: LM, train: Sequence[Example], metric: Metr
     return out
 
 
-def _launch(launcher: str, lm: LM, out_dir: Path, lora) -> TrainReport:
+def _launch(launcher: str, lm: LM, out_dir: Path, lora, checkpoint_dir: Path | None) -> TrainReport:
     """Training in processes of their own (training/launch.py) from the engine's model folder;
     an engine that loads adapters by path (all of tandem's) serves the result like any other."""
     path = getattr(lm, "path", None)
@@ -281,7 +314,7 @@ def _launch(launcher: str, lm: LM, out_dir: Path, lora) -> TrainReport:
     if can_load is not None and not can_load():
         raise UsageError("the server cannot load adapters at runtime, so nothing would serve this step's adapter")
     dtype = str(getattr(lm, "dtype", "float32")).removeprefix("torch.")
-    return launch(launcher, path, dtype, out_dir / "train.jsonl", out_dir / "adapter", lora)
+    return launch(launcher, path, dtype, out_dir / "train.jsonl", out_dir / "adapter", lora, checkpoint_dir)
 
 
 def bootstrap_finetune(
@@ -297,10 +330,14 @@ def bootstrap_finetune(
     generation: GenerationSettings = GenerationSettings(),
     progress: bool = True,
     extended: bool = False,
+    start: ValScore | None = None,
 ) -> WeightResult:
-    """Return a new program that points at a freshly trained adapter in `out_dir/adapter`.
+    """Return a new program that points at a freshly trained adapter in `out_dir/adapter`, or at the
+    checkpoint best on val (`out_dir/checkpoints/step-NNNN`), or `program` itself where no checkpoint
+    beat it on val (`settings.keep_checkpoint`).
 
     `extended`: also learn from sampled and rationalized runs, class-balanced (`settings.extended`).
+    `start`: `program`'s score on val where the caller has it (the orchestrator does); else it is scored.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,10 +358,13 @@ def bootstrap_finetune(
     if not can_train(lm, "finetune"):
         raise TypeError(f"LM '{lm.name}' cannot fine-tune: weight steps need the local engine")
     lora = replace(settings.lora, seed=seed)
+    by_val = settings.keep_checkpoint == "best" and bool(val)
+    checkpoint_dir = out_dir / "checkpoints" if by_val else None
     if settings.launcher:
-        report = _launch(settings.launcher, lm, out_dir, lora)
+        report = _launch(settings.launcher, lm, out_dir, lora, checkpoint_dir)
     else:
-        report = finetune(lm, [row["messages"] for row in rows], out_dir / "adapter", lora, progress=progress)
+        report = finetune(lm, [row["messages"] for row in rows], out_dir / "adapter", lora, progress=progress,
+                          checkpoint_dir=checkpoint_dir)
 
     new = program.clone()
     new.adapter = str((out_dir / "adapter").resolve())
@@ -342,5 +382,44 @@ def bootstrap_finetune(
     notes.append(f"{report.steps} optimizer steps ({report.epochs} epochs)")
     if report.dropped_too_long:
         notes.append(f"{report.dropped_too_long} calls longer than max_length={lora.max_length} left out")
+    checkpoints: list[Checkpoint] = []
+    kept_step: int | None = None
+    if by_val:
+        new, checkpoints, kept_step, note = keep_best(program, new, report, lm, val, metric, generation, start,
+                                                      progress)
+        notes.append(note)
     return WeightResult(new, True, passing, len(rows), report, notes, settings.with_demos, gathered.failures, sources,
-                        dict(Counter(row["source"] for row in rows)), dropped, gathered.hint_dropped)
+                        dict(Counter(row["source"] for row in rows)), dropped, gathered.hint_dropped, checkpoints,
+                        kept_step)
+
+
+def keep_best(program: Program, trained: Program, report: TrainReport, lm: LM, val: Sequence[Example], metric: Metric,
+              generation: GenerationSettings, start: ValScore | None, progress: bool
+              ) -> tuple[Program, list[Checkpoint], int, str]:
+    """Score every checkpoint of `report` on val (as `trained`, with that adapter) beside `program`, the
+    step's start, and return the best (a tie keeps the start, then the earlier checkpoint), every score,
+    the step kept (0: the start) and a note that says what was kept and why."""
+    if start is None:
+        start = ValScore.of(program, evaluate(program, lm, val, metric, generation, progress=progress,
+                                              desc="weights: val, the start"))
+    scored = [Checkpoint(0, 0.0, program.adapter, start.score, start.errors, start.answers)]
+    candidates = {0: program}
+    for c in report.checkpoints:
+        candidate = trained.clone()
+        candidate.adapter = str(Path(c["path"]).resolve())
+        result = evaluate(candidate, lm, val, metric, generation, progress=progress,
+                          desc=f"weights: val, step {c['step']}/{report.steps}")
+        got = ValScore.of(candidate, result)
+        scored.append(Checkpoint(c["step"], c["epoch"], candidate.adapter, got.score, got.errors, got.answers))
+        candidates[c["step"]] = candidate
+    best = scored[0]
+    for c in scored[1:]:
+        if c.score.beats(best.score):
+            best = c
+    others = "; ".join(c.describe() for c in scored if c is not best)
+    if best.step == 0:
+        note = f"kept the start: no checkpoint beat its val {start.score:.1f} ({others})"
+    else:
+        note = f"kept {best.describe()}, the best on val ({others})"
+    log.info("weight step: %s", note)
+    return candidates[best.step], scored, best.step, note

@@ -29,11 +29,15 @@ from .lora import TrainReport, train_lora
 log = logging.getLogger(__name__)
 
 
-def launch(launcher: str, model: str, dtype: str, data: Path, out_dir: Path, settings: LoraSettings):
-    """Run the training under `launcher` and return its TrainReport (read from training.json)."""
+def launch(launcher: str, model: str, dtype: str, data: Path, out_dir: Path, settings: LoraSettings,
+           checkpoint_dir: Path | None = None):
+    """Run the training under `launcher` and return its TrainReport (read from training.json);
+    `checkpoint_dir` as `train_lora` takes it."""
     command = shlex.split(launcher) + ["-m", "tandem.training.launch", "--model", model, "--data", str(data),
                                        "--out", str(out_dir), "--dtype", dtype, "--settings",
                                        json.dumps(to_dict(settings))]
+    if checkpoint_dir is not None:
+        command += ["--checkpoints", str(checkpoint_dir)]
     log.info("training under a launcher: %s", " ".join(shlex.quote(c) for c in command))
     done = subprocess.run(command)
     if done.returncode != 0 or not (out_dir / "training.json").exists():
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="adapter folder to write")
     parser.add_argument("--settings", required=True, help="LoraSettings as JSON")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--checkpoints", help="folder for the adapters saved on the way (settings.checkpoint_every)")
     args = parser.parse_args(argv)
 
     # accelerate: only a launched training process needs it (imported here, not when a step starts one).
@@ -65,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = from_dict(LoraSettings, json.loads(args.settings))
     torch.manual_seed(settings.seed)
     report, _ = train_lora(model, tokenizer, lambda m: chat_prompt(tokenizer, m), [r["messages"] for r in rows], args.out, settings,
-                           progress=accelerator.is_main_process, accelerator=accelerator)
+                           progress=accelerator.is_main_process, accelerator=accelerator,
+                           checkpoint_dir=args.checkpoints)
     if accelerator.is_main_process:
         path = Path(args.out) / "training.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "processes": accelerator.num_processes}, indent=1))

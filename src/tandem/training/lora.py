@@ -127,6 +127,16 @@ def lr_factor(step: int, total: int, warmup_ratio: float, floor: float) -> float
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def checkpoint_steps(planned: int, per_epoch: int, accumulate: int, epochs: int, every: int) -> list[int]:
+    """The optimizer steps after which an adapter is saved for val: every `every` steps, or (0) the first step
+    at or after each epoch's end; the last step always."""
+    if every > 0:
+        steps = set(range(every, planned + 1, every))
+    else:
+        steps = {min(planned, math.ceil(e * per_epoch / accumulate)) for e in range(1, epochs + 1)}
+    return sorted(steps | {planned})
+
+
 def _micro_batches(rows: list[tuple[list[int], list[int]]], size: int, rng: random.Random) -> list[list[int]]:
     """Indices grouped by similar length, then the groups shuffled: little padding, random order."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
@@ -145,11 +155,16 @@ def train_lora(
     adapter_name: str = "tandem_new",
     progress: bool = True,
     accelerator=None,
+    checkpoint_dir: str | Path | None = None,
 ):
     """Train a new LoRA adapter on `model` (a PeftModel or a plain model) and save it to `out_dir`.
 
     Returns (report, peft_model). A plain model comes back wrapped as a PeftModel; either way the
     new adapter is saved and removed from memory, ready to be loaded by path like any other.
+
+    `checkpoint_dir`: the adapter is also saved on the way, to `checkpoint_dir/step-NNNN`, at the steps
+    `checkpoint_steps` picks (`settings.checkpoint_every`), so that a weight step can keep the one best
+    on val; the last is `out_dir` itself. `report.checkpoints` lists them all.
 
     `accelerator` (an `accelerate.Accelerator` in a process started by torchrun or `accelerate
     launch`, see training/launch.py): the model is wrapped for data parallelism (DDP), each process
@@ -187,6 +202,8 @@ def train_lora(
                  epochs)
     total_micro = per_epoch * epochs
     planned = math.ceil(total_micro / accumulate)
+    saves = checkpoint_steps(planned, per_epoch, accumulate, epochs, settings.checkpoint_every) if checkpoint_dir else []
+    checkpoints: list[dict] = []
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, planned, settings.warmup_ratio, settings.min_lr_ratio)
@@ -232,6 +249,11 @@ def train_lora(
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
                     steps += 1
+                    if steps in saves:
+                        where = Path(checkpoint_dir) / f"step-{steps:04d}" if steps < planned else Path(out_dir)
+                        checkpoints.append({"step": steps, "epoch": round(micro / per_epoch, 2), "path": str(where)})
+                        if steps < planned and rank == 0:
+                            save_adapter(peft_model, adapter_name, where)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
     finally:
@@ -248,7 +270,7 @@ def train_lora(
     report = TrainReport(
         examples=len(rows), tokens=tokens, target_tokens=target_tokens, steps=steps, seconds=seconds,
         first_loss=sum(losses[:window]) / len(losses[:window]), last_loss=sum(losses[-window:]) / len(losses[-window:]),
-        losses=losses, dropped_too_long=dropped, learning_rates=rates, epochs=epochs,
+        losses=losses, dropped_too_long=dropped, learning_rates=rates, epochs=epochs, checkpoints=checkpoints,
     )
     (Path(out_dir) / "training.json").write_text(json.dumps({"settings": asdict(settings), **asdict(report)}, indent=1))
 
@@ -257,13 +279,14 @@ def train_lora(
 
 
 def finetune(lm: LM, conversations: Sequence[Sequence[Message]], out_dir: str | Path, settings: LoraSettings,
-             progress: bool = True) -> TrainReport:
-    """Train one LoRA adapter on chat examples and save it (PEFT, safetensors) to `out_dir`: on the model
-    `lm` lends (`training(rank)`), or by `lm.finetune` where the LM trains itself (the scripted LM)."""
+             progress: bool = True, checkpoint_dir: str | Path | None = None) -> TrainReport:
+    """Train one LoRA adapter on chat examples and save it (PEFT, safetensors) to `out_dir`, and checkpoints
+    on the way to `checkpoint_dir` (see `train_lora`): on the model `lm` lends (`training(rank)`), or by
+    `lm.finetune` where the LM trains itself (the scripted LM)."""
     own = getattr(lm, "finetune", None)
     if own is not None:
-        return own(conversations, out_dir, settings, progress=progress)
+        return own(conversations, out_dir, settings, progress=progress, checkpoint_dir=checkpoint_dir)
     with lm.training(settings.rank) as trainee:
         report, trainee.model = train_lora(trainee.model, trainee.tokenizer, trainee.render, conversations, out_dir,
-                                           settings, progress=progress)
+                                           settings, progress=progress, checkpoint_dir=checkpoint_dir)
     return report
