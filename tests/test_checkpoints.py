@@ -161,3 +161,30 @@ def test_an_r_step_with_keep_last_returns_its_last_round_whatever_val_says(tmp_p
     # by val it would be round 1 (tests/test_policy.py); the paper's setting keeps the last
     assert step.details["best_round"] == 2 and round_of(step.details["adapter"]) == 2
     assert "(the last: keep_checkpoint=last)" in step.details["notes"][0]
+
+
+def test_a_prompt_step_keeps_its_start_where_no_candidate_beats_it_on_val():
+    """`start` is a candidate of its own where the program comes with demos (Π→Π, Π→Θ→Π after a weight
+    step that kept its start): first, so a tie keeps it; its val score is taken from the step before."""
+    from tandem.answers import ValScore
+    from tandem.optimizers import PromptSettings, bootstrap_fewshot_rs
+
+    def respond(request):  # right only with the start's own demo in the prompt
+        text = " ".join(m["content"] for m in request.messages)
+        flower = request.messages[-1]["content"].split("Flower: ")[1].split("\n")[0]
+        gold = SPECIES[int(flower.split()[-1]) % 3]
+        return f"Reasoning: the petals of this flower say it\nSpecies: {gold if 'magic' in text else 'setosa'}"
+
+    lm = ScriptedLM(respond)
+    program = Classify()
+    program.classify.demos = [{"flower": "magic flower 0", "species": "setosa"}]
+    val = flowers("val", 6)
+    result = bootstrap_fewshot_rs(program, lm, flowers("train", 6), val, metric, PromptSettings(num_candidates=2),
+                                  progress=False, start=ValScore(100.0))
+    assert result.best == "start" and result.program.get_state() == program.get_state()
+    assert [c.name for c in result.candidates][:2] == ["start", "zero-shot"]
+    assert all(c.val_score < 100.0 for c in result.candidates[1:])
+    assert not any("magic" in str(r.messages) and "val flower" in r.messages[-1]["content"] for r in lm.requests)
+    fresh = bootstrap_fewshot_rs(Classify(), ScriptedLM(respond), flowers("train", 6), val, metric,
+                                 PromptSettings(num_candidates=2), progress=False)
+    assert "start" not in [c.name for c in fresh.candidates]  # without demos the start is the zero-shot candidate

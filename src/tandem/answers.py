@@ -17,10 +17,11 @@ class ValScore:
     score: float
     errors: int = 0
     answers: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # failed runs by kind
 
     @classmethod
     def of(cls, program: Program, result: EvalResult) -> "ValScore":
-        return cls(result.score, result.n_errors, answers(program, result))
+        return cls(result.score, result.n_errors, answers(program, result), result.failures())
 
     def beats(self, other: "ValScore") -> bool:
         """Strictly better: a higher score, or as high with fewer failed runs (a tie keeps `other`)."""

@@ -53,7 +53,7 @@ class StepContext:
 
 def _prompts(program: Program, ctx: StepContext):
     result = bootstrap_fewshot_rs(program, ctx.lm, ctx.train, ctx.val, ctx.metric, ctx.settings.prompts, seed=ctx.seed,
-                                  generation=ctx.settings.generation, progress=ctx.progress)
+                                  generation=ctx.settings.generation, progress=ctx.progress, start=ctx.start)
     return result.program, result.summary()
 
 
@@ -217,7 +217,7 @@ def better_together(
             before = records[-1]
             ctx = StepContext(lm, train, val, metric, settings, folder, seed=settings.seed * 100 + depth,
                               progress=progress, reflection_lm=reflection_lm, feedback=feedback,
-                              start=ValScore(before.val, before.val_errors, before.val_answers))
+                              start=ValScore(before.val, before.val_errors, before.val_answers, before.val_failures))
             current, details = take_step(steps[depth - 1], current, ctx)
         val_ = _score(current, lm, val, metric, settings, f"{prefix_name(prefix)} val", progress)
         test_ = _score(current, lm, test, metric, settings, f"{prefix_name(prefix)} test", progress, report_metrics)

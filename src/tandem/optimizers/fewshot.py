@@ -8,6 +8,9 @@ Random search (BootstrapFewShotRS) builds several candidate demo sets, named, no
 - `labeled-only`: demos sampled from labeled examples (where the task's fields allow);
 - `bootstrap-unshuffled`: bootstrapped demos in training order;
 - `bootstrap-seed-N`: training order shuffled with seed N and a random number of demos;
+- `start`: the program as it came, where it has demos of its own (after an earlier prompt step, or a
+  weight step that kept its start), first in the list, so that a prompt step, like a weight step,
+  never returns a program worse on val than its start;
 
 scores each on the validation set and keeps the best. Ties go to the candidate with fewer failed
 runs (a weak model often scores 0 with and without demos, but only demos make its replies
@@ -24,6 +27,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..answers import ValScore
 from ..evaluate import Metric, evaluate
 from ..lm.base import LM
 from ..program import MODULE_LABELS, Example, Program
@@ -108,8 +112,10 @@ def bootstrap_fewshot_rs(
     seed: int = 0,
     generation: GenerationSettings = GenerationSettings(),
     progress: bool = True,
+    start: ValScore | None = None,
 ) -> PromptResult:
-    """Return a new program with the best demo set found; `program` is not changed."""
+    """Return a new program with the best demo set found; `program` is not changed. `start`: `program`'s
+    val score where the caller has it (the orchestrator does), so the `start` candidate is not run again."""
     if not train or not val:
         raise ValueError("prompt optimization needs training and validation examples")
     rng = random.Random(seed)
@@ -147,6 +153,11 @@ def bootstrap_fewshot_rs(
         return demos
 
     candidates = [Candidate("zero-shot", student.get_state())]
+    scored: dict[str, tuple[float, int, dict[str, int]]] = {}
+    if any(p.demos for p in program.predictors()):
+        candidates.insert(0, Candidate("start", program.get_state()))
+        if start is not None:
+            scored[json.dumps(program.get_state(), sort_keys=True)] = (start.score, start.errors, start.failures)
     if has_labels:
         candidates.append(Candidate("labeled-only", _with_demos(student, labeled).get_state()))
     order = list(range(len(train)))
@@ -158,7 +169,6 @@ def bootstrap_fewshot_rs(
             k = rng.randint(1, settings.max_bootstrapped_demos)
             candidates.append(Candidate(f"bootstrap-seed-{n}", _with_demos(student, bootstrapped(shuffled, k)).get_state()))
 
-    scored: dict[str, tuple[float, int, dict[str, int]]] = {}
     for c in candidates:
         key = json.dumps(c.state, sort_keys=True)
         if key not in scored:  # identical demo sets are scored once
