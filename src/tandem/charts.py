@@ -64,6 +64,8 @@ def line_chart(path: Path, title: str, x: Sequence[float], series: dict[str, Seq
     if mark is not None:
         ax.axvline(mark, color="#999999", linestyle="--", linewidth=1, label="kept")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and steps are whole numbers
+    if ylabel == "%":  # the whole scale: a flat line at 30% must not look like a cliff
+        ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
