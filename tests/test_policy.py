@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tandem import ChainOfThought, Example, GenerationSettings, Program, ScriptedLM
-from tandem.training.policy import _reply_logps, policy_tokens, train_policy
+from tandem.training.policy import policy_tokens, reply_logps, train_policy
 from tandem.training.reports import PolicyCall, PolicyReport
 from tandem.optimizers import better_together
 from tandem.optimizers.policy import group_advantages, policy_optimize
@@ -140,7 +140,7 @@ def test_a_killed_step_resumes_after_the_last_finished_round(tmp_path):
     assert [int(out.name) for _, _, out in again.updates] == [2, 3]  # round 1 is not redone
     assert again.updates[0][1].endswith("rounds/001/adapter")
     assert [r.round for r in result.rounds] == [1, 2, 3]
-    assert all(r.temperature == 0 or r.seed % 1000 >= 0 and round_of(r.adapter) >= 1 for r in again.requests)
+    assert all(r.temperature == 0 or round_of(r.adapter) >= 1 for r in again.requests)
 
 
 def test_every_module_of_a_two_module_program_is_trained(tmp_path):
@@ -185,9 +185,9 @@ def test_a_policy_update_raises_rewarded_replies_and_lowers_punished_ones(tiny_m
     assert report.calls == 2 and report.steps == 1 and report.by_module == {"classify": 2}
 
     def logp(reply, adapter):
-        ids, mask, prompt = policy_tokens(lm.tokenizer, lm.prompt_text, PolicyCall("c", messages, reply, 0))
+        ids, mask, prompt, _ = policy_tokens(lm.tokenizer, lm.prompt_text, PolicyCall("c", messages, reply, 0))
         with lm.using_adapter(adapter) as model, torch.no_grad():
-            return float(_reply_logps(model, ids, prompt, torch.device("cpu")).sum())
+            return float(reply_logps(model, [(ids, prompt)], 0, torch.device("cpu"))[0].sum())
 
     adapter = str(tmp_path / "round" / "adapter")
     assert logp(good, adapter) > logp(good, None) + 1e-3
@@ -207,11 +207,11 @@ def test_only_the_reply_tokens_the_model_chose_carry_loss(tiny_model_dir):
     reply = "Reasoning: small petals\nSpecies: setosa"
     render = lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)  # noqa: E731
     free = PolicyCall("c", messages, reply, 1.0)
-    ids, mask, prompt = policy_tokens(tokenizer, render, free)
+    ids, mask, prompt, retokenized = policy_tokens(tokenizer, render, free)
     assert ids[:prompt] == tokenizer(render(messages), add_special_tokens=False)["input_ids"]
     assert len(mask) == len(ids) - prompt and all(mask)  # free decoding: every reply token is the model's
     forced = replace(free, forced=((0, len("Reasoning: ")), (reply.index("Species"), reply.index("setosa") + 1)))
-    _, mask, _ = policy_tokens(tokenizer, render, forced)
+    _, mask, _, _ = policy_tokens(tokenizer, render, forced)
     kept = tokenizer.decode([i for i, m in zip(ids[prompt:], mask) if m])
     assert "Reasoning" not in kept and "Species" not in kept and "small petals" in kept and "etosa" in kept
 
