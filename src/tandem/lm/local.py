@@ -280,9 +280,11 @@ class LocalLM:
 
         with self.lock:
             if path is None:
-                if isinstance(self.model, PeftModel):
+                if isinstance(self.model, PeftModel) and self.model.active_adapter in self.model.peft_config:
                     with self.model.disable_adapter():
                         yield self.model
+                elif isinstance(self.model, PeftModel):  # a training run deleted the last adapter it held
+                    yield self.model.base_model.model
                 else:
                     yield self.model
             else:
