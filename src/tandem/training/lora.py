@@ -271,7 +271,7 @@ def train_lora(
                 micro += 1
                 tokens += sum(len(rows[i][0]) for i in group)
                 target_tokens += sum(sum(t != -100 for t in rows[i][1]) for i in group)
-                losses.append(float(per_call.mean()))
+                losses.append(float(per_call.detach().mean()))
                 if micro % accumulate == 0 or micro == total_micro:
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     rates.append(optimizer.param_groups[0]["lr"])
