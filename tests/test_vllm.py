@@ -112,7 +112,11 @@ def assert_within_and_whole(completions, limit: int) -> None:
 
 @pytest.mark.parametrize("limit", [12, 24, 40])
 def test_constrained_replies_always_reach_a_declared_value(engine, limit):
-    assert_within_and_whole(engine.generate(iris_requests(limit)), limit)
+    completions = engine.generate(iris_requests(limit))
+    assert_within_and_whole(completions, limit)
+    for c in completions:  # the sampled ids, phases and the labels written between them, spell the reply (#23)
+        assert c.token_ids[-1] in engine._eos and c.forced and max(c.forced) < len(c.token_ids)
+        assert engine.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() == c.text
 
 
 @pytest.mark.parametrize("model", ["sentencepiece_model_dir", "bytelevel_model_dir"])
@@ -145,6 +149,10 @@ def test_openai_engine_replies_like_the_local_engine(server, local, tiny_vllm_mo
     requests = [chat(p) for p in PROMPTS]
     assert [c.text for c in engine.generate(requests)] == [c.text for c in local.generate(requests)]
     assert engine.describe()["engine"] == "openai"
+    sampled = engine.generate([Request(r.messages, max_new_tokens=24, temperature=1.0, seed=1) for r in requests])
+    for c in sampled:  # vLLM's server returns the sampled ids (`return_token_ids`), the end token included (#23)
+        assert c.token_ids and local.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() == c.text
+        assert c.finish_reason == "length" or c.token_ids[-1] == local.tokenizer.eos_token_id
 
 
 @pytest.mark.parametrize("limit", [12, 24, 40])

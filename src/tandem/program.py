@@ -76,6 +76,10 @@ class TraceEntry:
     reply: str | None = None
     outputs: dict[str, str] | None = None
     error: str | None = None
+    # What the engine sampled (`Completion.token_ids`, `.forced`), for r steps to train on; not shown in traces.
+    token_ids: list[int] | None = field(default=None, repr=False)
+    forced: list[int] = field(default_factory=list, repr=False)
+    finish_reason: str | None = field(default=None, repr=False)  # "length": cut at the token limit
 
 
 @dataclass
@@ -159,6 +163,9 @@ class Predict(Module):
         run.trace.append(entry)
         (completion,) = run.lm.generate([request])
         entry.reply = completion.text
+        entry.token_ids = None if completion.token_ids is None else list(completion.token_ids)
+        entry.forced = list(completion.forced)
+        entry.finish_reason = completion.finish_reason
         fields = {f.name: f for f in self.signature.outputs}
         try:
             entry.outputs = parse_reply(self.signature, entry.reply)
@@ -308,4 +315,5 @@ def _clone_member(value: Any) -> Any:
 
 
 def trace_as_dict(entry: TraceEntry) -> dict[str, Any]:
-    return asdict(entry)
+    """A trace entry as people read it: the token ids an r step trains on are left out."""
+    return {k: v for k, v in asdict(entry).items() if k not in ("token_ids", "forced", "finish_reason")}

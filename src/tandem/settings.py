@@ -113,7 +113,8 @@ class LoraSettings(Settings):
     learning_rate: float = setting(3e-4, "peak learning rate", gt=0, lt=1)
     epochs: int = setting(3, "passes over the training calls", ge=1)
     batch_size: int = setting(8, "sequences per optimizer step (fewer when the data is smaller than two batches)", ge=1)
-    micro_batch_size: int = setting(1, "sequences per forward pass; 1 is fastest on a CPU (no padding)", ge=1)
+    micro_batch_size: int | None = setting(None, "sequences per forward pass (padded to the longest); default by "
+                                                 "device: 1 on a CPU, 8 on a GPU", ge=1)
     max_length: int = setting(2048, "longest training sequence in tokens; longer calls are dropped and counted", ge=32)
     warmup_ratio: float = setting(0.1, "share of optimizer steps spent warming the learning rate up", ge=0, lt=1)
     min_lr_ratio: float = setting(0.1, "the learning rate decays to this share of its peak at the last step", gt=0, lt=1)

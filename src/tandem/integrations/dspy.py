@@ -225,11 +225,12 @@ def lora_settings(base: LoraSettings, train_kwargs: Mapping[str, Any]) -> LoraSe
         changes["epochs"] = _whole(changes["epochs"], "epochs")
     settings = dataclasses.replace(base, **changes)  # checks every bound: ConfigError names the field
     if ACCUMULATION in train_kwargs:
-        batch = settings.micro_batch_size * _whole(train_kwargs[ACCUMULATION], ACCUMULATION)
+        micro = settings.micro_batch_size or 1  # accumulation counts micro-batches: their size must be fixed
+        batch = micro * _whole(train_kwargs[ACCUMULATION], ACCUMULATION)
         if "batch_size" in changes and changes["batch_size"] != batch:
             raise UsageError(f"train_kwargs batch_size={changes['batch_size']} is not micro_batch_size x "
                              f"{ACCUMULATION} = {batch}")
-        settings = dataclasses.replace(settings, batch_size=batch)
+        settings = dataclasses.replace(settings, batch_size=batch, micro_batch_size=micro)
     return settings
 
 

@@ -98,6 +98,11 @@ class Completion:
     completion_tokens: int = 0
     cached: bool = False
     finish_reason: str = "stop"  # "length": the reply hit max_new_tokens before it ended by itself
+    # The reply as the engine sampled it, in the model's tokens, the token that ended it included (an
+    # end-of-sequence token, or the one that completed a stop string); None where the engine cannot say.
+    # What an r step trains on: the tokens the model chose, not a re-tokenization of `text`.
+    token_ids: tuple[int, ...] | None = None
+    forced: tuple[int, ...] = ()  # indices into token_ids the engine wrote itself (text a reply format fixes)
 
 
 def check_results(requests: Sequence[object], results: Sequence[object | None], who: str) -> list:

@@ -7,6 +7,7 @@ same path never returns stale replies and a rerun of a finished experiment only 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import threading
@@ -48,6 +49,12 @@ class CachedLM:
             "CREATE TABLE IF NOT EXISTS completions "
             "(key TEXT PRIMARY KEY, text TEXT, prompt_tokens INT, completion_tokens INT, finish_reason TEXT)"
         )
+        # The sampled token ids (JSON) came later: a cache written before them gains the columns, and its
+        # rows read back without ids (an r step then re-tokenizes those replies, and says so).
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
+        for column in ("token_ids", "forced"):
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE completions ADD COLUMN {column} TEXT")
         self._db.commit()
 
     def __getattr__(self, name: str):
@@ -71,10 +78,13 @@ class CachedLM:
         with self._lock:
             for i, key in enumerate(keys):
                 row = self._db.execute(
-                    "SELECT text, prompt_tokens, completion_tokens, finish_reason FROM completions WHERE key = ?", (key,)
+                    "SELECT text, prompt_tokens, completion_tokens, finish_reason, token_ids, forced FROM completions "
+                    "WHERE key = ?", (key,)
                 ).fetchone()
                 if row:
-                    results[i] = Completion(row[0], row[1], row[2], cached=True, finish_reason=row[3])
+                    results[i] = Completion(row[0], row[1], row[2], cached=True, finish_reason=row[3],
+                                            token_ids=None if row[4] is None else tuple(json.loads(row[4])),
+                                            forced=tuple(json.loads(row[5] or "[]")))
         misses = [i for i, c in enumerate(results) if c is None]
         if misses:
             fresh = check_results(misses, self.lm.generate([requests[i] for i in misses]), self.lm.name)
@@ -82,8 +92,10 @@ class CachedLM:
                 for i, c in zip(misses, fresh):
                     results[i] = c
                     self._db.execute(
-                        "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
-                        (keys[i], c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason),
+                        "INSERT OR REPLACE INTO completions (key, text, prompt_tokens, completion_tokens, finish_reason, "
+                        "token_ids, forced) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (keys[i], c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason,
+                         None if c.token_ids is None else json.dumps(list(c.token_ids)), json.dumps(list(c.forced))),
                     )
                 self._db.commit()
         done = check_results(requests, results, "cache")

@@ -280,9 +280,11 @@ class LocalLM:
 
         with self.lock:
             if path is None:
-                if isinstance(self.model, PeftModel):
+                if isinstance(self.model, PeftModel) and self.model.active_adapter in self.model.peft_config:
                     with self.model.disable_adapter():
                         yield self.model
+                elif isinstance(self.model, PeftModel):  # a training run deleted the last adapter it held
+                    yield self.model.base_model.model
                 else:
                     yield self.model
             else:
@@ -341,16 +343,18 @@ class LocalLM:
         # does not depend on what shares its batch, as the cache (keyed per request) assumes.
         generators = [_generator(r, self.device) for r in requests] if requests[0].temperature > 0 else None
         with self.using_adapter(requests[0].adapter) as model:
-            rows, ended = self._decode(model, encoded, limits, [r.stop for r in requests], requests[0].temperature,
-                                       generators, [r.format for r in requests])
+            rows, ended, ends, forced = self._decode(model, encoded, limits, [r.stop for r in requests],
+                                                     requests[0].temperature, generators, [r.format for r in requests])
         completions = []
-        for row, req, ids, stopped in zip(rows, requests, encoded, ended):
+        for row, req, ids, stopped, end, wrote in zip(rows, requests, encoded, ended, ends, forced):
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             for s in req.stop:
                 if s in text:
                     text = text[: text.index(s)]
             completions.append(Completion(text.strip(), prompt_tokens=len(ids), completion_tokens=len(row),
-                                          finish_reason="stop" if stopped else "length"))
+                                          finish_reason="stop" if stopped else "length",
+                                          token_ids=tuple(row + ([end] if end is not None else [])),
+                                          forced=tuple(wrote)))
         self.usage.add(completions)
         self.usage.extra["generate_seconds"] = self.usage.extra.get("generate_seconds", 0.0) + (
             time.perf_counter() - started
@@ -400,13 +404,16 @@ class LocalLM:
         itself), or at its own token limit (it was cut). Removing finished rows (and their cache)
         means a batch costs what its live rows need, not what its longest reply needs.
         A row with a reply format is masked to what the format allows (lm/constrained.py).
-        Returns the generated ids per row and whether each row ended by itself.
+        Returns per row: the generated ids, whether it ended by itself, the end-of-sequence token that
+        ended it (None: a stop string or the limit did), and the indices of the ids the format forced.
         """
         eos = set(self._eos_ids())
         cache, logits, mask, next_pos = self._prefill(model, encoded, max(limits))
         active = list(range(len(limits)))
         rows: list[list[int]] = [[] for _ in limits]
         ended = [False] * len(limits)
+        ends: list[int | None] = [None] * len(limits)
+        wrote: list[list[int]] = [[] for _ in limits]  # indices of forced tokens, per row
         formats = formats or [None] * len(limits)
         constraints = ([self._constraints().row(f, n) if f else None for f, n in zip(formats, limits)]
                        if any(formats) else None)
@@ -425,12 +432,13 @@ class LocalLM:
                     forced = constraints[i].next_forced() if constraints[i] else None
                     if forced is not None:
                         tokens[j] = forced
+                        wrote[i].append(len(rows[i]))
             keep = []
             for j, (i, t) in enumerate(zip(active, tokens.tolist())):
                 if constraints and constraints[i]:
                     constraints[i].accept(t)
                 if t in eos:
-                    ended[i] = True
+                    ended[i], ends[i] = True, t
                     continue
                 rows[i].append(t)
                 if stops[i] and any(s in self.tokenizer.decode(rows[i][-12:]) for s in stops[i]):
@@ -440,7 +448,7 @@ class LocalLM:
                     continue
                 keep.append(j)
             if not keep:
-                return rows, ended
+                return rows, ended, ends, wrote
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)

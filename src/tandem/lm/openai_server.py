@@ -110,6 +110,7 @@ class OpenAIEngine:
         self._budgets: Budget | bool | None = None
         self._setup_lock = threading.Lock()  # the grammar probe and the tokenizer are each found once
         self._grammar_field: object = _UNKNOWN
+        self._token_ids = True  # ask for the sampled token ids (vLLM's `return_token_ids`) until the server refuses
 
     def describe(self) -> dict[str, str]:
         """What a run folder records and compares; the client's version is recorded with the others."""
@@ -198,13 +199,23 @@ class OpenAIEngine:
                 extra.update(self._grammar_body(fmt.grammar()))
             # Each phase draws with its own seed, as on vLLM in process (the phase is part of it).
             seed = sampling_seed(request, *([reply.field] if reply else []), bits=32) if request.temperature > 0 else None
+            # A sampled reply made in one request comes with its token ids where the server gives them, for r steps
+            # to train on what was sampled; a phased one does not (each phase continues from re-rendered text).
+            ids = reply is None and request.temperature > 0 and self._token_ids
+            kwargs = dict(model=self._served_name(request.adapter), messages=messages,
+                          max_tokens=reply.max_tokens() if reply else request.max_new_tokens,
+                          temperature=request.temperature, stop=list(request.stop) or None, seed=seed)
             try:
-                response = self.client.chat.completions.create(
-                    model=self._served_name(request.adapter), messages=messages,
-                    max_tokens=reply.max_tokens() if reply else request.max_new_tokens,
-                    temperature=request.temperature, stop=list(request.stop) or None, seed=seed,
-                    extra_body=extra or None,
-                )
+                try:
+                    response = self.client.chat.completions.create(
+                        **kwargs, extra_body={**extra, **({"return_token_ids": True} if ids else {})} or None)
+                except self.openai.BadRequestError:
+                    if not ids:
+                        raise
+                    self._token_ids = ids = False  # a server that refuses the field: said once, asked no more
+                    log.warning("the server at %s does not return token ids: r steps re-tokenize its replies",
+                                self.base_url)
+                    response = self.client.chat.completions.create(**kwargs, extra_body=extra or None)
             except self.openai.APIError as exc:
                 raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
             choice, usage = response.choices[0], response.usage
@@ -217,12 +228,14 @@ class OpenAIEngine:
                 tokens = max(tokens - 1, 0)
             if reply is None:
                 text, used, finish = choice.message.content or "", tokens, choice.finish_reason
+                sampled = extras.get("token_ids") if ids else None
                 break
             reply.take(choice.message.content or "", tokens, choice.finish_reason)
         if reply is not None:
-            text, used, finish = reply.text, reply.used, reply.finish
+            text, used, finish, sampled = reply.text, reply.used, reply.finish, None
         completion = Completion(text.strip(), prompt_tokens=prompt_tokens, completion_tokens=used,
-                                finish_reason="length" if finish == "length" else "stop")
+                                finish_reason="length" if finish == "length" else "stop",
+                                token_ids=tuple(sampled) if sampled else None)
         with self._lock:
             self.usage.add([completion])
         return completion

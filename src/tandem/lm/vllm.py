@@ -158,7 +158,9 @@ class VLLMEngine:
     def cancel(self) -> None:
         self._batcher.cancel()
 
-    decoding = f"phased-v{DECODING_VERSION}"  # constrained replies a field at a time (PhasedReply)
+    # Constrained replies a field at a time (PhasedReply), each phase continuing from the token ids sampled so
+    # far ("ids": earlier builds re-tokenized the reply's text between phases, and sampled other replies).
+    decoding = f"phased-ids-v{DECODING_VERSION}"
 
     def describe(self) -> dict[str, str]:
         """What a run folder records and compares; vLLM's version is recorded with the others, not here."""
@@ -252,28 +254,47 @@ class VLLMEngine:
         started = time.perf_counter()
         prompts = [self.encode(r.messages) for r in requests]
         replies = [PhasedReply(r, self.budget) for r in requests]
+        # The reply's token ids as sampled, with the labels tandem writes between phases (`written`), which
+        # each phase continues from; None once a phase's text was cut (a half-written label dropped), after
+        # which the reply's text is re-tokenized instead and the completion carries no ids.
+        ids: list[list[int] | None] = [list(self.budget.tokens(r.text)) if r.text else [] for r in replies]
+        written = [list(range(len(i or ()))) for i in ids]
         pending = [i for i, reply in enumerate(replies) if reply.next_phase()]
         while pending:
-            inputs = [{"prompt_token_ids": prompts[i] + (self.tokenizer(replies[i].text, add_special_tokens=False)
-                                                          ["input_ids"] if replies[i].text else [])} for i in pending]
+            inputs = [{"prompt_token_ids": prompts[i] + (ids[i] if ids[i] is not None else self.tokenizer(
+                replies[i].text, add_special_tokens=False)["input_ids"] if replies[i].text else [])} for i in pending]
             outs = self.llm.generate(inputs, [self._sampling(replies[i]) for i in pending],
                                      lora_request=[lora] * len(pending) if lora else None, use_tqdm=False)
             if len(outs) != len(pending):
                 raise EngineError(f"vLLM returned {len(outs)} outputs for {len(pending)} prompts")
             for i, out in zip(pending, outs):
                 o = out.outputs[0]
-                ids = list(o.token_ids)
-                # The end-of-sequence token that closes a phase is not part of the reply.
-                replies[i].take(o.text, len(ids) - bool(ids and ids[-1] in self._eos), o.finish_reason)
+                got = list(o.token_ids)
+                # The end-of-sequence token that closes a phase is not part of the reply's token count.
+                ended = bool(got and got[-1] in self._eos)
+                before = replies[i].text + o.text
+                replies[i].take(o.text, len(got) - ended, o.finish_reason)
+                if ids[i] is None:
+                    continue
+                if not replies[i].text.startswith(before):
+                    ids[i] = None  # part of the phase's text was dropped: its ids no longer spell the reply
+                    continue
+                ids[i] += got[:-1] if ended and not replies[i].done else got  # a last phase keeps its end token
+                label = replies[i].text[len(before):]  # the break tandem appended to a cut free field
+                if label:
+                    written[i] += range(len(ids[i]), len(ids[i]) + len(self.budget.tokens(label)))
+                    ids[i] += self.budget.tokens(label)
             pending = [i for i in pending if replies[i].next_phase()]
         completions = []
-        for prompt, reply in zip(prompts, replies):
+        for prompt, reply, sampled, wrote in zip(prompts, replies, ids, written):
             text = reply.text
             for s in reply.request.stop:
                 if s in text:
                     text = text[: text.index(s)]
             completions.append(Completion(text.strip(), prompt_tokens=len(prompt), completion_tokens=reply.used,
-                                          finish_reason=reply.finish))
+                                          finish_reason=reply.finish,
+                                          token_ids=None if sampled is None else tuple(sampled),
+                                          forced=tuple(wrote) if sampled is not None else ()))
         self.usage.add(completions)
         self.usage.extra["generate_seconds"] = self.usage.extra.get("generate_seconds", 0.0) + (
             time.perf_counter() - started)

@@ -106,6 +106,9 @@ class RoundRecord:
     forced_tokens: int = 0
     trained_tokens: int = 0
     steps: int = 0  # optimizer steps this round made
+    no_loss_calls: int = 0  # calls left out: every reply token was forced, none the model chose
+    retokenized: int = 0  # calls trained on a re-tokenization of their text: the engine gave no token ids
+    onpolicy_ratio_error: float = 0.0  # the update's first-step largest |ratio - 1| (0 up to rounding)
 
 
 @dataclass
@@ -142,8 +145,17 @@ def _calls(program: Program, result: EvalResult, advantages: Sequence[float], co
             if not entry.reply or entry.module not in predictors:
                 continue
             forced = forced_spans(predictors[entry.module].signature, entry.reply) if constrained else ()
-            out.append(PolicyCall(entry.module, list(entry.messages), entry.reply, advantage, forced))
+            out.append(PolicyCall(entry.module, list(entry.messages), entry.reply, advantage, forced,
+                                  None if entry.token_ids is None else tuple(entry.token_ids), tuple(entry.forced),
+                                  entry.finish_reason != "length"))
     return out
+
+
+def round_seeds(seed: int, round_: int, runs: int) -> list[int]:
+    """The sampling seeds of round `round_` (1-based)'s `runs` runs: consecutive, never one of another
+    round's (nor, below a billion runs a step, of another seed's)."""
+    first = seed * 1_000_000_000 + (round_ - 1) * runs
+    return list(range(first, first + runs))
 
 
 def _finished_rounds(out_dir: Path) -> list[RoundRecord]:
@@ -174,6 +186,8 @@ def policy_optimize(
     `keep="last"`: the last round's, whatever val says (WeightSettings.keep_checkpoint)."""
     if not can_train(lm, "train_policy"):
         raise TypeError(f"LM '{lm.name}' cannot train: r steps need an engine that trains adapters")
+    if not train or not val:
+        raise ValueError(f"an r step needs training and validation examples (got {len(train)} train, {len(val)} val)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lora = replace(lora, seed=seed)
@@ -196,7 +210,7 @@ def policy_optimize(
         folder = out_dir / "rounds" / f"{k:03d}"
         chosen = _round_examples(len(train), settings.round_examples, k, seed)
         order = [i for i in chosen for _ in range(settings.group_size)]
-        seeds = [seed * 1_000_000 + k * 1000 + n for n in range(len(order))]
+        seeds = round_seeds(seed, k, len(order))
         sampled = evaluate(current, lm, [train[i] for i in order], metric, sampling, progress=progress,
                            desc=f"r: round {k}/{settings.rounds}, {len(order)} runs", seed=seeds)
         rollout_seconds = time.perf_counter() - started
@@ -232,6 +246,8 @@ def policy_optimize(
             loss=report.loss if report else None, clip_fraction=report.clip_fraction if report else None,
             kl=report.kl if report else None, forced_tokens=report.forced_tokens if report else 0,
             trained_tokens=report.tokens if report else 0, steps=report.steps if report else 0,
+            no_loss_calls=report.no_loss_tokens if report else 0, retokenized=report.retokenized if report else 0,
+            onpolicy_ratio_error=report.onpolicy_ratio_error if report else 0.0,
         )
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "groups.json", [asdict(g) for g in groups])

@@ -40,6 +40,7 @@ callbacks `on_candidate_selected`, `on_evaluation_end`, `on_proposal_end`, `on_c
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,8 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from ..evaluate import ExampleResult, Feedback, Metric, evaluate
 from ..lm.base import LM, Request
-from ..program import MODULE_LABELS, Example, Prediction, Program, TraceEntry
+from ..lm.cache import adapter_digest
+from ..program import MODULE_LABELS, Example, Prediction, Program, TraceEntry, trace_as_dict
 from ..rundir import describe_lm
 from ..settings import GenerationSettings, ReflectionSettings
 from .weights import hint_of
@@ -116,13 +118,25 @@ def _digest(*parts: Any) -> str:
 
 def _stored(result: ExampleResult) -> dict[str, Any]:
     return {"score": result.score, "prediction": None if result.prediction is None else dict(result.prediction),
-            "trace": [asdict(t) for t in result.trace], "error": result.error, "failure": result.failure}
+            "trace": [trace_as_dict(t) for t in result.trace], "error": result.error, "failure": result.failure}
 
 
 def _restored(example: Example, value: dict[str, Any]) -> ExampleResult:
     prediction = None if value["prediction"] is None else Prediction(value["prediction"])
     return ExampleResult(example, prediction, value["score"], [TraceEntry(**t) for t in value["trace"]],
                          value["error"], value["failure"])
+
+
+def metric_identity(metric: Metric) -> str:
+    """The metric's name and a digest of its code: what a journaled score depends on besides the run."""
+    target = metric if inspect.isfunction(metric) or inspect.ismethod(metric) else type(metric)
+    name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+    try:
+        code = inspect.getsource(target)
+    except (OSError, TypeError):  # defined where no source is kept (a REPL): its bytecode instead
+        raw = getattr(target, "__code__", None)
+        code = repr((raw.co_code, raw.co_consts)) if raw is not None else name
+    return f"{name}:{hashlib.sha256(code.encode()).hexdigest()[:16]}"
 
 
 def default_feedback(example: Example, prediction: Prediction | None, program: Program, metric: Metric) -> str:
@@ -137,7 +151,8 @@ def default_feedback(example: Example, prediction: Prediction | None, program: P
 
 def feedback_text(result: ExampleResult, program: Program, metric: Metric, task_feedback: Feedback | None) -> str:
     """What the reflection LM reads about one run: the metric's score, why the run failed where it
-    did (its failure kind and message), then the task's own feedback or the default (the gold answer)."""
+    did (its failure kind and message), then the task's own feedback or the default (the gold answer,
+    found by calling `metric` once on it: a g step passes a metric that counts against its budget)."""
     parts = [f"Score: {result.score:g} (1 is best)."]
     if result.failure:
         parts.append(f"The run failed ({result.failure}): {str(result.error)[:300]}")
@@ -186,9 +201,18 @@ class InstructionAdapter:
         self.program, self.lm, self.metric, self.generation = program, lm, metric, generation
         self.feedback, self.budget, self.journal, self.errors, self.bar = feedback, budget, journal, errors, bar
         self.read_back = 0  # runs an earlier attempt at the step left in the journal, read back instead of rerun
+        # What a run's score depends on besides the instructions and the example: a folder reused with
+        # another LM, another metric or a retrained adapter at the same path reads back none of its runs.
+        self.scored_by = (describe_lm(lm), metric_identity(metric), adapter_digest(program.adapter))
 
     def run_key(self, program: Program, example: Example) -> str:
-        return _digest(program.get_state(), dict(example), list(example.input_keys), self.generation.run_kwargs())
+        return _digest(program.get_state(), dict(example), list(example.input_keys), self.generation.run_kwargs(),
+                       *self.scored_by)
+
+    def feedback_metric(self, example: Example, prediction: Prediction) -> Any:
+        """The metric, for the default feedback's probe: each call counts against the budget like a run's."""
+        self.budget.spend(1)
+        return self.metric(example, prediction)
 
     def results(self, candidate: dict[str, str], batch: Sequence[Example]) -> list[ExampleResult]:
         """Each example run with `candidate`'s instructions: from the journal where it was done, else now."""
@@ -231,12 +255,14 @@ class InstructionAdapter:
             program = with_instructions(self.program, candidate)
             dataset: dict[str, list[dict[str, Any]]] = {name: [] for name in components_to_update}
             for result in eval_batch.trajectories:
-                text = feedback_text(result, program, self.metric, self.feedback)
+                text = feedback_text(result, program, self.feedback_metric, self.feedback)
                 for entry in result.trace:
                     if entry.module in dataset:
                         dataset[entry.module].append(_record(entry, text))
             return dataset
-        except Exception as exc:  # GEPA would log it and go on; a bug here must stop the step
+        except BudgetExhausted:  # no bug: the stop callback ends the search before the next iteration
+            raise
+        except Exception as exc:  # GEPA would log it and go on; a bug here (or the metric's) must stop the step
             self.errors.record(exc)
             raise
 
@@ -337,13 +363,14 @@ class Lineage:
 
 
 class _Stop:
-    """Stops GEPA before an iteration whose two minibatches no longer fit the budget, or after an error."""
+    """Stops GEPA before an iteration whose metric calls no longer fit the budget (`per_iteration`: its
+    two minibatches, and the default feedback's probe of each run), or after an error."""
 
-    def __init__(self, budget: Budget, minibatch: int, errors: _Errors):
-        self.budget, self.minibatch, self.errors = budget, minibatch, errors
+    def __init__(self, budget: Budget, per_iteration: int, errors: _Errors):
+        self.budget, self.per_iteration, self.errors = budget, per_iteration, errors
 
     def __call__(self, state) -> bool:
-        return self.budget.left < 2 * self.minibatch or self.errors.first is not None
+        return self.budget.left < self.per_iteration or self.errors.first is not None
 
 
 class _Log:
@@ -380,14 +407,22 @@ class ReflectionResult:
                 "candidates": [asdict(c) for c in self.candidates], "proposals": [asdict(p) for p in self.proposals]}
 
 
-def check_budget(settings: ReflectionSettings, val_size: int) -> None:
+def iteration_calls(settings: ReflectionSettings, default_feedback: bool) -> int:
+    """Metric calls of one GEPA iteration before val: the parent's and the child's minibatch, and where the
+    feedback is the default one, its probe of the gold answer for each of the parent's runs."""
+    return (3 if default_feedback else 2) * settings.reflection_minibatch_size
+
+
+def check_budget(settings: ReflectionSettings, val_size: int, default_feedback: bool = True) -> None:
     """Refuse a budget that cannot score the starting instructions and one proposal on val, besides
-    the proposal's two minibatches: such a step would spend its calls and could never change anything."""
-    least = 2 * val_size + 2 * settings.reflection_minibatch_size
+    the proposal's iteration: such a step would spend its calls and could never change anything."""
+    iteration = iteration_calls(settings, default_feedback)
+    least = 2 * val_size + iteration
     if settings.max_metric_calls < least:
+        probes = " and the feedback's probes" if default_feedback else ""
         raise UsageError(f"--max-metric-calls {settings.max_metric_calls} is too small for a g step: scoring the "
                          f"starting instructions and one proposal on val ({val_size} runs each) and the proposal's "
-                         f"two minibatches ({settings.reflection_minibatch_size} each) take {least}")
+                         f"two minibatches{probes} ({settings.reflection_minibatch_size} each) take {least}")
 
 
 def evolve_instructions(
@@ -415,7 +450,7 @@ def evolve_instructions(
     seed_candidate = instructions_of(program)
     if not seed_candidate:
         raise UsageError("a g step needs a program with at least one module")
-    check_budget(settings, len(val))
+    check_budget(settings, len(val), feedback is None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reflector = reflection_lm or lm
@@ -428,7 +463,7 @@ def evolve_instructions(
         try:
             gepa.optimize(seed_candidate=seed_candidate, trainset=list(train), valset=list(val), adapter=adapter,
                           reflection_lm=reflect, max_metric_calls=budget.total,
-                          stop_callbacks=[_Stop(budget, settings.reflection_minibatch_size, errors)],
+                          stop_callbacks=[_Stop(budget, iteration_calls(settings, feedback is None), errors)],
                           reflection_minibatch_size=settings.reflection_minibatch_size,
                           candidate_selection_strategy="pareto", module_selector="round_robin",
                           callbacks=[lineage], logger=_Log(), seed=seed, raise_on_exception=True)

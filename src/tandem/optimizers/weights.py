@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..answers import ValScore, choice_field, collapse_note
-from ..errors import UsageError
-from ..evaluate import Metric, evaluate
+from ..errors import TandemError, UsageError
+from ..evaluate import SOFT_METRIC_ERRORS, Metric, MetricError, evaluate
 from ..lm.base import LM, can_train
 from ..program import Example, Prediction, Program, TraceEntry
 from ..prompts import render_messages, render_reply
@@ -201,8 +201,13 @@ def hint_of(example: Example, program: Program, metric: Metric) -> dict[str, Any
     gold = _Reading({k: v for k, v in example.labels().items() if k in outputs})
     try:
         metric(example, gold)
-    except Exception:  # the probe holds gold outputs only; what the metric read before failing still counts
-        pass
+    except (KeyError, AttributeError, *SOFT_METRIC_ERRORS):
+        pass  # a field the probe lacks, or a value it cannot score: what the metric read before that still counts
+    except TandemError:
+        raise
+    except Exception as exc:  # anything else is the metric's bug: it stops the step, as it would on a run
+        raise MetricError(f"the metric raised {type(exc).__name__} on the gold answers of {dict(example)!r:.200}: "
+                          f"{exc}") from exc
     return {k: v for k, v in dict.items(gold) if k in gold._read and v not in (None, "")}
 
 

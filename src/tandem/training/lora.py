@@ -145,6 +145,40 @@ def _micro_batches(rows: list[tuple[list[int], list[int]]], size: int, rng: rand
     return groups
 
 
+def micro_batch_size(settings: LoraSettings, device: torch.device) -> int:
+    """Sequences per forward pass: the setting where it is set, else by device. A CPU gains nothing from
+    batching a forward pass whose matmuls already fill its cores and pays for the padding (measured in
+    bench/finetune.py); a GPU sits idle on one sequence at a time."""
+    if settings.micro_batch_size is not None:
+        return settings.micro_batch_size
+    return 1 if device.type == "cpu" else 8
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token rows padded on the right to the longest: a causal model reads each
+    row's tokens before its padding, so their positions and logits are those of the row alone."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def reply_loss(forward, rows: Sequence[tuple[list[int], list[int]]], pad: int, device, autocast) -> torch.Tensor:
+    """Each call's mean token loss on its reply (labels -100 elsewhere), one value per call of the micro-batch.
+
+    The mean is taken per call, not over the micro-batch's tokens, so a call weighs the same whatever it
+    is batched with: summed over a step's calls and divided by their number, the loss (and its gradient)
+    is the one micro-batches of one call give, at any micro-batch size."""
+    ids, mask = pad_rows([r[0] for r in rows], pad, device)
+    labels, _ = pad_rows([r[1] for r in rows], -100, device)
+    with autocast:
+        logits = forward(input_ids=ids, attention_mask=mask).logits
+    targets = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
+                                                  reduction="none")
+    return per_token.sum(1) / (targets != -100).sum(1).clamp(min=1)
+
+
 def train_lora(
     model,
     tokenizer,
@@ -184,15 +218,17 @@ def train_lora(
     if not rows:
         raise ConfigError("max_length", f"is {settings.max_length} tokens: every training call is longer; raise it")
     peft_model, params, previous = attach_adapter(model, adapter_name, settings)
+    device, autocast = training_autocast(peft_model)
+    size = micro_batch_size(settings, device)
     rng = random.Random(settings.seed)
 
     # A handful of examples (a weak model passes few runs) still gets several optimizer steps per
     # epoch: the effective batch shrinks to half the data when the data is smaller than two batches.
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    batch = max(settings.micro_batch_size * world, min(settings.batch_size, len(rows) // 2))
-    accumulate = max(1, batch // (settings.micro_batch_size * world))  # micro-batches per process and step
-    per_epoch = math.ceil(math.ceil(len(rows) / settings.micro_batch_size) / world)
+    batch = max(size * world, min(settings.batch_size, len(rows) // 2))
+    accumulate = max(1, batch // (size * world))  # micro-batches per process and step
+    per_epoch = math.ceil(math.ceil(len(rows) / size) / world)
     # Few calls make few steps (6 calls, 2 epochs: 2 steps), too few to move the weights: repeat the
     # data, whole epochs at a time, until the run makes at least `min_steps` optimizer steps.
     epochs = max(settings.epochs, math.ceil(settings.min_steps * accumulate / per_epoch))
@@ -211,7 +247,6 @@ def train_lora(
     forward = peft_model
     if accelerator is not None:
         forward, optimizer = accelerator.prepare(peft_model, optimizer)
-    device, autocast = training_autocast(peft_model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     losses: list[float] = []
@@ -223,25 +258,20 @@ def train_lora(
     try:
         micro = 0
         for _ in range(epochs):
-            groups = _micro_batches(rows, settings.micro_batch_size, rng)  # the same order in every process
+            groups = _micro_batches(rows, size, rng)  # the same order in every process
             mine = groups[rank::world]
             mine += groups[: per_epoch - len(mine)]  # every process takes as many steps (DDP waits on each)
             for group in mine:
-                width = max(len(rows[i][0]) for i in group)
-                ids = torch.tensor([rows[i][0] + [pad] * (width - len(rows[i][0])) for i in group], device=device)
-                labels = torch.tensor([rows[i][1] + [-100] * (width - len(rows[i][1])) for i in group], device=device)
-                mask = torch.tensor([[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in group],
-                                    device=device)
-                with autocast:
-                    loss = forward(input_ids=ids, attention_mask=mask, labels=labels).loss
+                per_call = reply_loss(forward, [rows[i] for i in group], pad, device, autocast)
+                loss = per_call.sum() / (accumulate * size)  # a step's calls weigh alike at any micro-batch size
                 if accelerator is not None:
-                    accelerator.backward(loss / accumulate)
+                    accelerator.backward(loss)
                 else:
-                    (loss / accumulate).backward()
+                    loss.backward()
                 micro += 1
-                tokens += int(mask.sum())
-                target_tokens += int((labels != -100).sum())
-                losses.append(loss.item())
+                tokens += sum(len(rows[i][0]) for i in group)
+                target_tokens += sum(sum(t != -100 for t in rows[i][1]) for i in group)
+                losses.append(float(per_call.detach().mean()))
                 if micro % accumulate == 0 or micro == total_micro:
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     rates.append(optimizer.param_groups[0]["lr"])
@@ -266,7 +296,7 @@ def train_lora(
             return None, peft_model
 
     save_adapter(peft_model, adapter_name, out_dir)
-    window = max(1, len(rows) // settings.micro_batch_size // world)  # one epoch of this process's losses
+    window = max(1, len(rows) // size // world)  # one epoch of this process's losses
     report = TrainReport(
         examples=len(rows), tokens=tokens, target_tokens=target_tokens, steps=steps, seconds=seconds,
         first_loss=sum(losses[:window]) / len(losses[:window]), last_loss=sum(losses[-window:]) / len(losses[-window:]),

@@ -39,6 +39,11 @@ class PolicyCall:
     reply: str  # what came back
     advantage: float
     forced: tuple[tuple[int, int], ...] = ()  # character spans of `reply` the grammar wrote, not the model
+    # The reply as the engine sampled it (`Completion.token_ids`, the end token included) and the indices of
+    # the tokens the engine wrote itself; None where the engine could not say: the reply is re-tokenized.
+    token_ids: tuple[int, ...] | None = None
+    engine_forced: tuple[int, ...] = ()
+    ended: bool = True  # it ended by itself (not cut at the token limit): a re-tokenized reply gets the end token
 
 
 @dataclass
@@ -54,6 +59,10 @@ class PolicyReport:
     kl: float | None  # mean per-token KL estimate to the base model, when kl_coef > 0
     by_module: dict[str, int] = field(default_factory=dict)  # calls trained on per module
     dropped_too_long: int = 0
+    no_loss_tokens: int = 0  # calls left out because every reply token was forced: nothing to learn from
+    retokenized: int = 0  # calls trained on a re-tokenization of the reply text: the engine gave no token ids
+    onpolicy_ratio_error: float = 0.0  # largest |ratio - 1| of the first step (on-policy: 0 up to rounding)
+    micro_batch: int = 1  # calls per forward pass
 
     @property
     def tokens_per_second(self) -> float:
