@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from dataclasses import replace
@@ -12,21 +13,22 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, TandemError, UsageError
-from .kinds import KINDS, parse_strategy, pretty, results_path
+from .kinds import KINDS, parse_strategy, prefix_name, pretty, results_path
 from .evaluate import evaluate
 from .lm import honest_generation, load_lm
 from .lm.models import cache_root
 from .settings import (
-    BUDGETS, ENGINES, DataSettings, EngineSettings, GenerationSettings, JobSettings, OptimizeSettings, add_arguments,
-    flag_of, overrides_from_args, resolve_budget, to_dict, with_overrides,
+    BUDGETS, ENGINES, DataSettings, EngineSettings, GenerationSettings, JobSettings, OptimizeSettings, TrackingSettings,
+    add_arguments, flag_of, overrides_from_args, resolve_budget, to_dict, with_overrides,
 )
 from .program import Run, trace_as_dict
 from .prompts import placeholder_reply, reply_format
-from .rundir import read_settings, recorded_lm, refuse_changes
+from .rundir import describe_lm, read_settings, recorded_lm, refuse_changes
 from .scripted import ScriptedLM
 from .tasks import LOADERS, data_task, load_task
 from .tasks.custom import PROGRAMS
 from .tasks.metrics import COMPARISONS
+from .tracking import open_tracker, track_eval
 
 log = logging.getLogger("tandem")
 
@@ -81,6 +83,7 @@ def _add_job(p: argparse.ArgumentParser, budget_default: str | None) -> None:
     add_arguments(p, DataSettings, "data")
     add_arguments(p, OptimizeSettings, "optimizers (Π: prompts, Θ: weights, and sampling)")
     add_arguments(p, EngineSettings, "engine")
+    add_arguments(p, TrackingSettings, "experiment tracking (never part of the run's configuration)")
     g = p.add_argument_group("the reflection LM of g steps (default: the task's own LM)")
     g.add_argument("--reflection-model", metavar="MODEL", help="the model that reads traces and writes instructions: "
                    "an alias, a folder, a .gguf file or a hub id (default: --model)")
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write per-example results (prediction, score, error, trace) as JSONL here")
     add_arguments(p, GenerationSettings, "sampling")
     add_arguments(p, EngineSettings, "engine")
+    add_arguments(p, TrackingSettings, "experiment tracking")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("show-prompt", help="print the exact messages every module sends for one example")
@@ -205,15 +209,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_positive(args, "limit")
     generation, engine = _settings(GenerationSettings, args), _settings(EngineSettings, args)
     task = _task(args)
+    tracker = open_tracker(_settings(TrackingSettings, args), None, f"tandem-{task.name}")
     program = _program(task, args)
     examples = task.split(args.split)[: args.limit]
     lm = _lm(args, engine)
     generation = honest_generation(lm, generation)
-    result = evaluate(program, lm, examples, task.metric, generation, max_errors=args.max_errors,
-                      desc=f"{task.name}/{args.split}")
+    with tracker.child("eval", f"eval {task.name} {args.split}", {"tandem.split": args.split}) as run:
+        result = evaluate(program, lm, examples, task.metric, generation, max_errors=args.max_errors,
+                          desc=f"{task.name}/{args.split}")
+        also = {name: result.mean(m) for name, m in task.report_metrics.items()}
+        track_eval(run, result, args.split, also, {
+            "task": task.name, "task_source": task.source, "model": args.model, "lm": describe_lm(lm),
+            "split": args.split, "limit": args.limit, "state": args.state, "generation": to_dict(generation)})
     print(f"{task.name} {args.split} ({_decoding(generation)}): {result.summary()}")
-    for name, m in task.report_metrics.items():
-        value = result.mean(m)
+    for name, value in also.items():
         print(f"  {name}: {'-' if value is None else f'{value:.1f}%'}")
     u = result.usage
     gen = u.get("engine_completion_tokens", u.get("completion_tokens", 0))
@@ -277,13 +286,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     train, val, test = task.sized(job.data)
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
+    tracker = open_tracker(_settings(TrackingSettings, args), run_dir, f"tandem-{task.name}")
     reflection_lm = _reflection_lm(args, engine, any(KINDS[s].reflects for s in steps))
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
     job = replace(job, optimize=replace(job.optimize, generation=honest_generation(lm, job.optimize.generation)))
-    result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, job.optimize,
-                             run_dir=run_dir, report_metrics=task.report_metrics,
-                             config={"task": task.name, "task_source": task.source, "model": args.model,
-                                     "budget": args.budget}, reflection_lm=reflection_lm, feedback=task.feedback)
+    with tracker.child(prefix_name(steps), f"{run_dir.name} {pretty(steps)}", {"tandem.strategy": pretty(steps)}) as run:
+        result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, job.optimize,
+                                 run_dir=run_dir, report_metrics=task.report_metrics,
+                                 config={"task": task.name, "task_source": task.source, "model": args.model,
+                                         "budget": args.budget}, reflection_lm=reflection_lm, feedback=task.feedback,
+                                 tracker=run)
     print(f"{task.name} on {args.model}, strategy {pretty(steps)} ({len(train)} train / {len(val)} val / {len(test)} test, "
           f"{_decoding(job.optimize.generation)} decoding)")
     print(result.table())
@@ -323,14 +335,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     task = _task(args)
     run_dir = Path(args.run_dir)
     _check_folder(run_dir, args, job)
+    tracker = open_tracker(_settings(TrackingSettings, args), run_dir, f"tandem-{task.name}")
     reflects = any(KINDS[s].reflects for strategy in strategies.values() if strategy for s in parse_strategy(strategy))
     reflection_lm = _reflection_lm(args, engine, reflects)
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
     seeds = range(job.optimize.seed, job.optimize.seed + args.seeds)
-    run_grid(task, _program(task, args), lm, strategies, seeds, job, run_dir,
-             config={"model": args.model, "budget": args.budget, "state": args.state, "task_source": task.source},
-             reflection_lm=reflection_lm)
-    report = write_report(run_dir)
+    with tracker.child("experiment", f"{run_dir.name} grid") as grid:
+        run_grid(task, _program(task, args), lm, strategies, seeds, job, run_dir,
+                 config={"model": args.model, "budget": args.budget, "state": args.state, "task_source": task.source},
+                 reflection_lm=reflection_lm, tracker=grid)
+        report = write_report(run_dir)
+        grid.artifacts([report, run_dir / "cells.csv", run_dir / "cells.json", *sorted(run_dir.glob("*.png"))])
     print(f"{task.name} on {args.model}, budget {args.budget}, {args.seeds} seed(s): test accuracy")
     print(table(run_dir))
     print(f"report: {report}; chart: {run_dir / (task.name + '.png')}")
@@ -427,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("tandem").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # steps, candidates, resumes
+    # --track mlflow: MLflow's own INFO lines (a new store's tables, its trace queue's flush at exit) only with -v
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if args.verbose else "WARNING")
     try:
         return args.func(args)
     except ConfigError as exc:

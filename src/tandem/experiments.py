@@ -20,12 +20,13 @@ from .evaluate import describe_failures
 from .lm import honest_generation
 from .lm.base import LM
 from .charts import bar_chart, line_chart
-from .kinds import KINDS, label, parse_strategy
+from .kinds import KINDS, label, parse_strategy, prefix_name
 from .optimizers.better_together import better_together
 from .program import Program
-from .rundir import claim, describe_lm
+from .rundir import FREE, claim, describe_lm
 from .settings import BUDGETS, JobSettings, resolve_budget, to_dict
 from .tasks import Task
+from .tracking import NO_TRACKING, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,22 @@ def run_grid(
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
     reflection_lm: LM | None = None,
+    tracker: Tracker = NO_TRACKING,
 ) -> list[Cell]:
     """Every strategy for every seed; returns this call's cells and merges them into cells.json.
 
     The folder holds one configuration (refused otherwise, naming the field); more seeds or
-    strategies extend it. `reflection_lm`: the LM g steps reflect with (default: `lm`).
+    strategies extend it. `reflection_lm`: the LM g steps reflect with (default: `lm`). `tracker`: the
+    grid's run (tracking.py), which gets a nested run per seed and strategy, each with its steps.
     """
     run_dir = Path(run_dir)
     job = replace(job, optimize=replace(job.optimize, generation=honest_generation(lm, job.optimize.generation)))
     reflects = any(KINDS[s].reflects for strategy in strategies.values() if strategy for s in parse_strategy(strategy))
-    claim(run_dir, {**(config or {}), "task": task.name, "lm": describe_lm(lm), "settings": to_dict(job),
-                    "strategies": list(strategies.values()), "seeds": list(seeds),
-                    **({"reflection_lm": describe_lm(reflection_lm or lm)} if reflects else {})})
+    claimed = {**(config or {}), "task": task.name, "lm": describe_lm(lm), "settings": to_dict(job),
+               "strategies": list(strategies.values()), "seeds": list(seeds),
+               **({"reflection_lm": describe_lm(reflection_lm or lm)} if reflects else {})}
+    claim(run_dir, claimed)
+    tracker.params({k: v for k, v in claimed.items() if k not in FREE})  # a rerun may add seeds and strategies
     train, val, test = task.sized(job.data)
     cells = []
     for seed in seeds:
@@ -116,10 +121,13 @@ def run_grid(
         for label, strategy in strategies.items():
             steps = parse_strategy(strategy) if strategy else ()
             log.info("seed %d, %s", seed, label)
-            result = better_together(program, lm, steps, train, val, test, task.metric, settings,
-                                     run_dir=run_dir / f"seed-{seed}", progress=progress,
-                                     report_metrics=task.report_metrics, config={"task": task.name},
-                                     reflection_lm=reflection_lm, feedback=task.feedback)
+            tags = {"tandem.seed": seed, "tandem.strategy": label}
+            with tracker.child(f"seed-{seed}/{prefix_name(steps)}", f"{label} seed {seed}", tags) as cell:
+                result = better_together(program, lm, steps, train, val, test, task.metric, settings,
+                                         run_dir=run_dir / f"seed-{seed}", progress=progress,
+                                         report_metrics=task.report_metrics, config={"task": task.name},
+                                         reflection_lm=reflection_lm, feedback=task.feedback, tracker=cell)
+                cell.metrics({"total_seconds": sum(s.seconds for s in result.steps)})
             last = result.steps[-1]
             cells.append(Cell(task.name, label, seed, last.val, last.test, last.seconds,
                               sum(s.seconds for s in result.steps), "; ".join(last.details.get("notes", [])),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -68,7 +69,8 @@ class Prediction(dict):
 
 @dataclass
 class TraceEntry:
-    """One module call: what went in, the exact messages, the raw reply, what was parsed."""
+    """One module call: what went in, the exact messages, the raw reply, what was parsed, and what it
+    cost (tokens, when it started and how long it took, batching and queueing included)."""
 
     module: str
     inputs: dict[str, Any]
@@ -80,6 +82,12 @@ class TraceEntry:
     token_ids: list[int] | None = field(default=None, repr=False)
     forced: list[int] = field(default_factory=list, repr=False)
     finish_reason: str | None = field(default=None, repr=False)  # "length": cut at the token limit
+    failure: str | None = None  # the error's kind: "unparsed", "truncated at 96 tokens before Species", ...
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False  # the reply came from the LM call cache
+    started: float | None = None  # wall clock (time.time()) when the call was made
+    seconds: float | None = None
 
 
 @dataclass
@@ -161,11 +169,15 @@ class Predict(Module):
         )
         entry = TraceEntry(self.name, dict(inputs), messages)
         run.trace.append(entry)
+        entry.started = time.time()
         (completion,) = run.lm.generate([request])
+        entry.seconds = time.time() - entry.started
         entry.reply = completion.text
         entry.token_ids = None if completion.token_ids is None else list(completion.token_ids)
         entry.forced = list(completion.forced)
         entry.finish_reason = completion.finish_reason
+        entry.prompt_tokens, entry.completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        entry.cached = completion.cached
         fields = {f.name: f for f in self.signature.outputs}
         try:
             entry.outputs = parse_reply(self.signature, entry.reply)
@@ -177,7 +189,7 @@ class Predict(Module):
                 exc = Truncated(limit, fields[missing[0]].label, entry.reply, inside=isinstance(exc, Invalid))
             elif missing == (self.rationale,):  # the answer came without a chain of thought
                 exc = NoReasoning(f"reply has no {fields[self.rationale].label}: {entry.reply[:200]!r}")
-            entry.error = f"{exc.kind}: {exc}"
+            entry.error, entry.failure = f"{exc.kind}: {exc}", exc.kind
             raise exc from None
         return Prediction(entry.outputs)
 

@@ -103,6 +103,29 @@ class EngineSettings(Settings):
                                                   "names both)")
 
 
+TRACKERS = ("none", "mlflow")
+
+
+@dataclass(frozen=True)
+class TrackingSettings(Settings):
+    """Where a run is reported besides its folder. Never part of a run's configuration: tracking changes
+    no result, so a run started without it may be resumed with it, and the other way round."""
+
+    track: str = setting("none", "report the run to an experiment tracker: mlflow (needs pip install "
+                                 "'tandem[mlflow]'; the store: $MLFLOW_TRACKING_URI, else <run-dir>/mlflow/)",
+                         choices=TRACKERS)
+    track_experiment: str | None = setting(None, "the MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else "
+                                                 "tandem-<task>)")
+    track_traces: str = setting("10", "traces per evaluation: the first N examples of each split scored (the same at "
+                                      "every step), or all")
+    track_adapters: bool = setting(False, "also upload each weight step's adapter (off: its path is recorded)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.track_traces != "all" and not (self.track_traces.isdigit()):
+            raise ConfigError("track_traces", f"must be a number >= 0 or all, got {self.track_traces!r}")
+
+
 @dataclass(frozen=True)
 class LoraSettings(Settings):
     """LoRA hyperparameters. The defaults suit ~0.1-1B models with a few hundred examples."""
@@ -387,7 +410,7 @@ def flag_of(cls: type, field_name: str) -> str:
 
 __all__ = [
     "setting", "validate", "GenerationSettings", "EngineSettings", "LoraSettings", "PromptSettings", "WeightSettings",
-    "ExtendedWeightSettings", "PolicySettings", "ReflectionSettings",
+    "ExtendedWeightSettings", "PolicySettings", "ReflectionSettings", "TrackingSettings", "TRACKERS",
     "OptimizeSettings", "DataSettings", "JobSettings", "to_dict", "from_dict", "with_overrides", "add_arguments",
     "overrides_from_args", "flag_names", "BUDGETS", "resolve_budget",
 ]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..answers import ValScore, answers, collapse_note, describe_answers
-from ..evaluate import Feedback, Metric, describe_failures, evaluate
+from ..evaluate import EvalResult, Feedback, Metric, describe_failures, evaluate
 from ..kinds import KINDS, ZERO_SHOT, parse_strategy, prefix_name, pretty, results_path
 from ..lm import honest_generation
 from ..lm.base import LM
@@ -26,6 +26,7 @@ from ..program import Example, Program, load_state
 from ..report import write_run_report
 from ..rundir import claim, data_digest, describe_lm, write_json
 from ..settings import OptimizeSettings, to_dict
+from ..tracking import NO_TRACKING, Tracker, track_step
 from .fewshot import bootstrap_fewshot_rs
 from .policy import policy_optimize
 from .reflect import evolve_instructions
@@ -132,6 +133,7 @@ class _Score:
     failures: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float | None] = field(default_factory=dict)
     answers: dict[str, int] = field(default_factory=dict)
+    result: EvalResult | None = None  # the evaluation itself: its runs and traces (a tracker reports them)
 
 
 def _score(program, lm, examples, metric, settings: OptimizeSettings, desc, progress, also=None) -> _Score:
@@ -139,7 +141,7 @@ def _score(program, lm, examples, metric, settings: OptimizeSettings, desc, prog
         return _Score()
     r = evaluate(program, lm, examples, metric, settings.generation, progress=progress, desc=desc)
     return _Score(r.score, r.n_errors, r.failures(), {name: r.mean(m) for name, m in (also or {}).items()},
-                  answers(program, r))
+                  answers(program, r), r)
 
 
 def take_step(kind: str, program: Program, ctx: StepContext) -> tuple[Program, dict[str, Any]]:
@@ -174,6 +176,7 @@ def better_together(
     config: Mapping[str, Any] | None = None,
     reflection_lm: LM | None = None,
     feedback: Feedback | None = None,
+    tracker: Tracker = NO_TRACKING,
 ) -> BetterTogetherResult:
     """Run the strategy from `program`, resuming finished steps found in `run_dir`.
 
@@ -182,11 +185,13 @@ def better_together(
     `report_metrics` (name -> metric) are computed on test beside `metric` and never steer anything.
     `reflection_lm`: the LM that g steps reflect with (default: `lm`); where the strategy has one, the
     folder records it and refuses another later. `feedback`: the task's feedback for g steps.
+    `tracker`: the run this strategy reports to (tracking.py): the configuration as parameters, each
+    step as a nested run once its step.json is written, the report at the end. It changes no result.
     """
     steps = parse_strategy(strategy) if isinstance(strategy, str) else tuple(strategy)
     run_dir = Path(run_dir)
     settings = replace(settings, generation=honest_generation(lm, settings.generation))
-    claim(run_dir, {
+    claimed = {
         **(config or {}),
         "lm": describe_lm(lm),
         "data": {name: {"size": len(split), "digest": data_digest(split)}
@@ -195,13 +200,16 @@ def better_together(
         "settings": to_dict(settings),
         "strategy": pretty(steps),
         **({"reflection_lm": describe_lm(reflection_lm or lm)} if any(KINDS[s].reflects for s in steps) else {}),
-    })
+    }
+    claim(run_dir, claimed)
+    tracker.params({k: v for k, v in claimed.items() if k != "program"})  # the program's state: program.json
     records: list[StepRecord] = []
     current = program
     finished = 0  # the leading steps already done in run_dir
     while finished <= len(steps) and (done := load_step(program, run_dir / prefix_name(steps[:finished]))):
         current, record = done
         records.append(record)
+        track_step(tracker, finished, asdict(record), run_dir / record.prefix, {})
         finished += 1
     if finished:
         log.info("reusing finished steps in %s: %s", run_dir,
@@ -235,6 +243,7 @@ def better_together(
         current.save(folder / "program.json")
         write_json(folder / "step.json", asdict(record))  # written last: its presence means the step is finished
         records.append(record)
+        track_step(tracker, depth, asdict(record), folder, {"val": val_.result, "test": test_.result})
         log.info("step %s finished: val %.1f%%, test %s", record.label, record.val,
                  "-" if record.test is None else f"{record.test:.1f}%")
 
@@ -245,4 +254,7 @@ def better_together(
     summary = {"strategy": pretty(steps), "best": best.prefix, "steps": [asdict(r) for r in records]}
     write_json(results_path(run_dir, steps), summary)  # one file per strategy: strategies share the folder
     result.report = write_run_report(run_dir, steps)
+    tracker.metrics({"best_val": best.val, "best_test": best.test})
+    tracker.artifacts([result.report, results_path(run_dir, steps), run_dir / "config.json",
+                       *sorted(run_dir.glob("*.png"))])
     return result

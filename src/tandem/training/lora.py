@@ -251,6 +251,8 @@ def train_lora(
 
     losses: list[float] = []
     rates: list[float] = []
+    step_losses: list[float] = []  # the mean of each optimizer step's micro-batches
+    pending = 0  # micro-batches since the last optimizer step
     tokens = target_tokens = steps = 0
     started = time.perf_counter()
     peft_model.train()
@@ -272,7 +274,10 @@ def train_lora(
                 tokens += sum(len(rows[i][0]) for i in group)
                 target_tokens += sum(sum(t != -100 for t in rows[i][1]) for i in group)
                 losses.append(float(per_call.detach().mean()))
+                pending += 1
                 if micro % accumulate == 0 or micro == total_micro:
+                    step_losses.append(sum(losses[-pending:]) / pending)
+                    pending = 0
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     rates.append(optimizer.param_groups[0]["lr"])
                     optimizer.step()
@@ -301,6 +306,7 @@ def train_lora(
         examples=len(rows), tokens=tokens, target_tokens=target_tokens, steps=steps, seconds=seconds,
         first_loss=sum(losses[:window]) / len(losses[:window]), last_loss=sum(losses[-window:]) / len(losses[-window:]),
         losses=losses, dropped_too_long=dropped, learning_rates=rates, epochs=epochs, checkpoints=checkpoints,
+        step_losses=step_losses,
     )
     (Path(out_dir) / "training.json").write_text(json.dumps({"settings": asdict(settings), **asdict(report)}, indent=1))
 

@@ -20,6 +20,7 @@ class TrainReport:
     losses: list[float]
     dropped_too_long: int = 0  # calls left out because they exceed max_length
     learning_rates: list[float] = field(default_factory=list)  # per optimizer step
+    step_losses: list[float] = field(default_factory=list)  # per optimizer step: its micro-batches' mean
     epochs: int = 0  # passes over the data: the setting's, or more to reach min_steps
     # The adapters saved on the way, the last one the adapter itself: {"step", "epoch", "path"} each,
     # `epoch` the passes over the data done by then (2.5: half-way through the third).
