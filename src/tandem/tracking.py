@@ -89,12 +89,15 @@ def open_tracker(settings: TrackingSettings, run_dir: str | Path | None, experim
     unless --track-experiment or $MLFLOW_EXPERIMENT_NAME names one."""
     if settings.track == "none":
         return NO_TRACKING
+    started = time.perf_counter()
     try:
         import mlflow  # noqa: F401  # the optional `mlflow` extra
     except ImportError:
         raise UsageError(f"--track mlflow needs MLflow: {INSTALL}") from None
     name = settings.track_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
-    return _Root(_Session(settings, Path(run_dir) if run_dir is not None else None, name))
+    session = _Session(settings, Path(run_dir) if run_dir is not None else None, name)
+    session.seconds += time.perf_counter() - started  # importing MLflow is part of the cost
+    return _Root(session)
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -241,6 +244,7 @@ class _Session:
         self.local = not given and run_dir is not None  # the default store, in the run folder
         self.uri = given or (f"sqlite:///{(run_dir / STORE / 'mlflow.db').resolve()}" if self.local else None)
         self.on = True
+        self.seconds = 0.0  # spent in MLflow calls: what tracking costs the run
         self.client: Any = None
         self.experiment_id: str | None = None
         self.record_path = run_dir / STORE / "runs.json" if run_dir is not None else None
@@ -249,6 +253,7 @@ class _Session:
         """One MLflow call; whatever it raises turns tracking off with one warning, and the run goes on."""
         if not self.on:
             return None
+        started = time.perf_counter()
         try:
             return call()
         except Exception as exc:  # tracking must never stop a run: MLflow, the network, the store alike
@@ -257,6 +262,8 @@ class _Session:
             log.warning("MLflow failed %s (%s: %s); the run goes on untracked", what, type(exc).__name__,
                         first[:300])
             return None
+        finally:
+            self.seconds += time.perf_counter() - started
 
     def connect(self) -> bool:
         """Open the store once (False: tracking is off)."""
@@ -424,6 +431,9 @@ class MlflowTracker(Tracker):
         self._call("closing the run", lambda run_id: self.session.client.set_terminated(run_id, status))
         if status == "FINISHED" and self.session.on:
             self.session.remember(self.key, self._run_id, True)
+        if self.parent is None:
+            log.info("MLflow run %s (%s): %s; %.1f s spent in MLflow (import, calls)", self._run_id, self.name, status.lower(),
+                     self.session.seconds)
 
 
 def _write_trace(session: _Session, run_id: str, result: "ExampleResult", index: int, name: str,
