@@ -36,12 +36,12 @@ def metric(example, prediction):
     return float(example["grade"] == "pass")
 
 def graded():
-    grades = ("pass", "fail", "unscorable")
-    rows = [Example(text=f"item {i}", label="x", grade=grades[i % 3], inputs=("text",)) for i in range(30)]
+    grades = ("pass", "pass", "fail", "unscorable")
+    rows = [Example(text=f"item {i}", label="x", grade=grades[i % 4], inputs=("text",)) for i in range(30)]
     return Task("graded", rows[:10], rows[10:20], rows[20:30], Label, metric)
 '''
 
-SMALL = ["--train-size", "6", "--val-size", "6", "--test-size", "6", "--num-candidates", "1", "--epochs", "1",
+SMALL = ["--train-size", "8", "--val-size", "6", "--test-size", "6", "--num-candidates", "1", "--epochs", "1",
          "--max-new-tokens", "6", "--threads", "4", "--batch-size", "2", "--min-steps", "3"]
 
 
@@ -110,6 +110,7 @@ def test_optimize_reports_its_steps_losses_report_and_traces(tiny_model_dir, cac
     training = json.loads((run_dir / "p-w" / "adapter" / "training.json").read_text())
     losses = client.get_metric_history(steps["p-w"].info.run_id, "lora_loss")
     assert len(training["step_losses"]) == training["steps"] >= 3
+    assert len(training["losses"]) == 2 * training["steps"]  # two micro-batches a step: a step's loss is their mean
     assert [m.value for m in sorted(losses, key=lambda m: m.step)] == pytest.approx(training["step_losses"])
     assert {a.path for a in client.list_artifacts(steps["p-w"].info.run_id)} >= {"step.json", "program.json",
                                                                                   "training.json"}
