@@ -188,6 +188,8 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
     assert top[0].info.status == "FINISHED"
     steps = children(client, experiment_id, first.info.run_id)
     assert [r.data.tags["tandem.step"] for r in steps] == ["zero-shot", "p", "p-w"]  # none twice
+    assert len(client.get_metric_history(steps[0].info.run_id, "val")) == 1  # a step reported before is left alone
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "val")] == [0, 1, 2]
     # The resumed step's traces are its own calls: one span per module call, in the order the LM saw them.
     traces = client.search_traces(locations=[experiment_id], run_id=steps[2].info.run_id)
     seen = [r.messages for r in lm.requests]
