@@ -45,11 +45,13 @@ SMALL = ["--train-size", "8", "--val-size", "6", "--test-size", "6", "--num-cand
          "--max-new-tokens", "6", "--threads", "4", "--batch-size", "2", "--min-steps", "3"]
 
 
-def tandem(*args, env=None):
+def tandem(*args, env=None, cwd=None):
+    """The CLI; `env` values of None are removed from the environment."""
     import os
 
     env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-    return subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=600)
 
 
 @pytest.fixture()
@@ -120,7 +122,8 @@ def test_eval_traces_are_the_module_calls_it_wrote(tiny_model_dir, cache_dir, tm
     output, store = tmp_path / "results.jsonl", tmp_path / "store.db"
     out = tandem("eval", "--task", "iris", "--model", tiny_model_dir, "--split", "test", "--limit", "5",
                  "--max-new-tokens", "8", "--output", str(output), "--track", "mlflow", "--track-traces", "3",
-                 "--track-experiment", "evals", env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+                 "--track-experiment", "evals", env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
+                 cwd=tmp_path)  # a store without a server keeps artifacts in ./mlruns, MLflow's default
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     client = MlflowClient(f"sqlite:///{store}")
