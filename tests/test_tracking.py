@@ -182,7 +182,8 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
     experiment_id = client.get_experiment_by_name("resumed").experiment_id
     (first,) = runs_of(client, experiment_id)[:1]
     assert first.info.status == "FAILED"
-    assert [r.data.tags["tandem.step"] for r in children(client, experiment_id, first.info.run_id)] == ["zero-shot", "p"]
+    steps = children(client, experiment_id, first.info.run_id)
+    assert [r.data.tags["tandem.step"] for r in steps] == ["zero-shot", "p"]
 
     lm = ScriptedLM(doubles, trainable=True)
     optimize(lm)
@@ -230,7 +231,7 @@ def test_an_experiment_grid_has_a_run_per_seed_and_strategy(tiny_model_dir, cach
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("tandem-iris").experiment_id
     (grid,) = [r for r in runs_of(client, experiment_id) if "mlflow.parentRunId" not in r.data.tags]
-    assert grid.info.run_name == "grid grid" and {"report.md", "cells.json"} <= {
+    assert grid.info.run_name == "grid (experiment)" and {"report.md", "cells.json"} <= {
         a.path for a in client.list_artifacts(grid.info.run_id)}
     cells = {(c["strategy"], c["seed"]): c for c in json.loads((run_dir / "cells.json").read_text())}
     runs = children(client, experiment_id, grid.info.run_id)

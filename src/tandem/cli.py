@@ -290,7 +290,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     reflection_lm = _reflection_lm(args, engine, any(KINDS[s].reflects for s in steps))
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
     job = replace(job, optimize=replace(job.optimize, generation=honest_generation(lm, job.optimize.generation)))
-    with tracker.child(prefix_name(steps), f"{run_dir.name} {pretty(steps)}", {"tandem.strategy": pretty(steps)}) as run:
+    name = f"{run_dir.name} {pretty(steps)}"
+    with tracker.child(prefix_name(steps), name, {"tandem.strategy": pretty(steps)}) as run:
         result = better_together(_program(task, args), lm, steps, train, val, test, task.metric, job.optimize,
                                  run_dir=run_dir, report_metrics=task.report_metrics,
                                  config={"task": task.name, "task_source": task.source, "model": args.model,
@@ -340,7 +341,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     reflection_lm = _reflection_lm(args, engine, reflects)
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
     seeds = range(job.optimize.seed, job.optimize.seed + args.seeds)
-    with tracker.child("experiment", f"{run_dir.name} grid") as grid:
+    with tracker.child("experiment", f"{run_dir.name} (experiment)") as grid:
         run_grid(task, _program(task, args), lm, strategies, seeds, job, run_dir,
                  config={"model": args.model, "budget": args.budget, "state": args.state, "task_source": task.source},
                  reflection_lm=reflection_lm, tracker=grid)
@@ -444,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("tandem").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # steps, candidates, resumes
     # --track mlflow: MLflow's own INFO lines (a new store's tables, its trace queue's flush at exit) only with -v
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if args.verbose else "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a link per nested run; tracking logs one
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -397,7 +397,8 @@ class MlflowTracker(Tracker):
 
         flat = [Param(key_of(k), v[:6000]) for k, v in flatten(values).items()]
         for i in range(0, len(flat), 100):  # MLflow takes 100 parameters a call
-            self._call("logging parameters", lambda run_id: self.session.client.log_batch(run_id, params=flat[i:i + 100]))
+            batch = flat[i:i + 100]
+            self._call("logging parameters", lambda run_id: self.session.client.log_batch(run_id, params=batch))
 
     def metrics(self, values: Mapping[str, float | None], step: int = 0) -> None:
         from mlflow.entities import Metric  # the optional `mlflow` extra
@@ -432,7 +433,10 @@ class MlflowTracker(Tracker):
         if status == "FINISHED" and self.session.on:
             self.session.remember(self.key, self._run_id, True)
         if self.parent is None:
-            log.info("MLflow run %s (%s): %s; %.1f s spent in MLflow (import, calls)", self._run_id, self.name, status.lower(),
+            where = self._run_id
+            if self.session.uri.startswith(("http://", "https://")):
+                where = f"{self.session.uri.rstrip('/')}/#/experiments/{self.session.experiment_id}/runs/{self._run_id}"
+            log.info("MLflow run %s (%s): %s; %.1f s spent in MLflow (import, calls)", where, self.name, status.lower(),
                      self.session.seconds)
 
 
