@@ -148,9 +148,9 @@ def step_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
 
 def step_series(record: Mapping[str, Any], folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Histories inside a step, (step, value) per metric: the LoRA loss and learning rate per optimizer
-    step (w, w+: the adapter's training.json), an r step's reward, val, loss, clipped share, KL and
-    rates per round (round 0: the program it started from), the candidates a p or g step scored on
-    val, a g step's proposals on their minibatch before and after."""
+    step (w, w+: the adapter's training.json) and its checkpoints' val, an r step's reward, val, loss,
+    clipped share, KL and rates per round (round 0: the program it started from), the candidates a p or
+    g step scored on val, a g step's proposals on their minibatch before and after."""
     details = record.get("details", {})
     out: dict[str, list[tuple[int, float]]] = {}
 
@@ -171,6 +171,8 @@ def step_series(record: Mapping[str, Any], folder: Path) -> dict[str, list[tuple
             for name in ("reward_mean", "val", "loss", "clip_fraction", "kl", "tokens_per_second",
                          "rollout_tokens_per_second"):
                 add(f"round_{name}", r["round"], r.get(name))
+    for c in details.get("checkpoints", []):  # w, w+: the start (step 0) and each checkpoint, scored on val
+        add("checkpoint_val", c["step"], c.get("val"))
     for i, c in enumerate(details.get("candidates", [])):
         add("candidate_val", c.get("index", i), c.get("val", c.get("val_score")))  # g: "val", p: "val_score"
     for p in details.get("proposals", []):
