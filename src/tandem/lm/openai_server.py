@@ -311,8 +311,9 @@ class OpenAIEngine:
         vLLM reads an adapter's adapter_config.json and checks its rank before it reads any weights
         (`PEFTHelper.validate_legal`, in the worker's LoRA manager), and the OpenAI API shows no limit. So
         the probe is that file alone, with `r` = rank: vLLM refuses it for its rank, or else for having no
-        weights, and loads nothing either way. A server that answers otherwise (another server, or one that
-        cannot read the probe's folder) leaves the rank unchecked here: loading the adapter will say."""
+        weights, and loads nothing either way. A server that answers otherwise (another server; one without
+        runtime LoRA, which `can_load_adapters` finds; one that cannot read the probe's folder, which vLLM
+        answers 404 like a missing route) leaves the rank unchecked here: loading the adapter will say."""
         if rank in self._ranks:
             return
         with tempfile.TemporaryDirectory(prefix="tandem-rank-probe-") as folder:
@@ -320,8 +321,6 @@ class OpenAIEngine:
             (Path(folder) / "adapter_config.json").write_text(json.dumps(config))
             name = f"tandem-rank-probe-{rank}"
             response = self._post("load_lora_adapter", {"lora_name": name, "lora_path": folder})
-        if response.status_code == 404:
-            raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
         limit = re.search(r"greater than max_lora_rank (\d+)", response.text)
         if limit:
             raise UsageError(f"the server at {self.base_url} takes LoRA adapters up to rank {limit.group(1)} (its "

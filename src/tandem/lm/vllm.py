@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..errors import EngineError, UsageError
 from .base import (
     DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, eos_ids,
@@ -220,8 +222,6 @@ class VLLMEngine:
 
     def _sleep(self) -> int:
         """Put vLLM to sleep (level 1); returns the GPU's free bytes before, to compare on waking."""
-        import torch
-
         free = torch.cuda.mem_get_info()[0]
         self.llm.sleep(level=1)
         log.info("vLLM sleeps while the weight step trains: %s of GPU memory freed",
@@ -232,8 +232,6 @@ class VLLMEngine:
         """Wake vLLM once the trainer copy has left the GPU (`TrainerCopy.release`, also after a failed step).
         vLLM maps back every allocation it slept with, so it has all its memory again or wake_up fails; what
         this process still holds on the GPU is said where it is more than a little."""
-        import torch
-
         gc.collect()
         torch.cuda.empty_cache()
         awake = self.llm.wake_up()
