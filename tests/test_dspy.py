@@ -16,7 +16,7 @@ from dspy.clients.utils_finetune import TrainDataFormat  # noqa: E402
 from dspy.utils import DummyLM  # noqa: E402
 
 from tandem.errors import UsageError  # noqa: E402
-from tandem.integrations.dspy import TESTED, TandemJob, TandemProvider, lora_settings  # noqa: E402
+from tandem.integrations.dspy import TESTED, TandemJob, TandemProvider, job_weights, lora_settings  # noqa: E402
 from tandem.settings import LoraSettings  # noqa: E402
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
@@ -107,6 +107,8 @@ def test_dspy_internals():
     assert call["model"] == "weights", "LM.finetune passes finetuning_model as model"
     assert isinstance(call["job"], TrainingJob) and call["train_kwargs"] == {"rank": 4}
     assert isinstance(tuned, dspy.LM) and tuned.model == "openai/tuned", "the tuned LM is LM.copy(model=<name>)"
+    dspy.LM("openai/base", provider=provider).finetune(CHAT, TrainDataFormat.CHAT).result()
+    assert provider.calls[-1]["model"] == "openai/base", "without finetuning_model, LM.finetune passes LM.model"
     assert tuned.kwargs["api_base"] == "http://127.0.0.1:9/v1" and tuned.provider is provider, "LM.copy keeps both"
     data = dspy.ChatAdapter().format_finetune_data(dspy.Predict("word -> reply").signature, [], {"word": "a"},
                                                    {"reply": "ok"})
@@ -152,6 +154,18 @@ def test_a_server_that_cannot_load_adapters_is_refused_before_training(no_lora_s
     assert str(error).startswith(f"the server at {url} cannot load adapters at runtime: start vLLM's server with "
                                  "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
     assert not (tmp_path / "jobs").exists()  # nothing trained, nothing written
+
+
+def test_model_ids_are_kept_whole_and_only_the_lms_provider_prefix_is_dropped():
+    """DSPy passes `finetuning_model` as written, or without one the LM's own "<provider>/<served name>"; the
+    server's model list tells which (vLLM lists each name with the weights it runs, its `root`)."""
+    bases = {"openai/gpt-oss-20b": "openai/gpt-oss-20b", "tiny": "/models/tiny", "Qwen/Qwen2.5-0.5B": None}
+    assert job_weights("openai/gpt-oss-20b", bases) == ("openai/gpt-oss-20b", "openai/gpt-oss-20b")  # as given
+    assert job_weights("openai/openai/gpt-oss-20b", bases) == ("openai/gpt-oss-20b", "openai/gpt-oss-20b")  # LM's
+    assert job_weights("openai/tiny", bases) == ("/models/tiny", "tiny")  # dspy.LM("openai/tiny"), no finetuning_model
+    assert job_weights("hosted_vllm/Qwen/Qwen2.5-0.5B", bases) == ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")
+    assert job_weights("openai/other-weights", bases) == ("openai/other-weights", None)  # a hub id, kept whole
+    assert job_weights("/data/tiny", bases) == ("/data/tiny", None)
 
 
 def test_the_exported_dspy_state_loads_in_dspy_and_renders_the_same_demos(tmp_path):
@@ -263,3 +277,47 @@ def test_better_together_p_w_runs_its_weight_step_on_the_server(server, tiny_vll
     assert steps["p -> w"].lm.model == job.model and steps["p"].lm.model == "openai/tiny"
     assert job.model.removeprefix("openai/") in served(server)
     assert server_processes() == before
+
+
+def test_a_rank_above_the_servers_max_lora_rank_is_refused_before_training(server, tiny_vllm_model_dir, tmp_path):
+    """The fixture's server takes ranks up to 16 (--max-lora-rank 16): a rank-32 job is refused in one line
+    naming the server, its limit and what to do, before the weights are copied or anything is written."""
+    provider = TandemProvider(server, out_dir=tmp_path / "jobs", lora=LORA, served_model_name="tiny", progress=False)
+    error = server_lm(server, tiny_vllm_model_dir, provider).finetune(CHAT, TrainDataFormat.CHAT, {"rank": 32}).result()
+    assert isinstance(error, UsageError) and "\n" not in str(error), error
+    assert str(error) == (f"the server at {server} takes LoRA adapters up to rank 16 (its --max-lora-rank) and this "
+                          "weight step trains rank 32: train rank 16 or less, or start the server with "
+                          "--max-lora-rank 32")
+    assert not (tmp_path / "jobs").exists()
+    assert all(engine._trainer is None for engine in provider._engines.values())  # no copy of the weights made
+    assert not any(name.startswith("tandem-rank-probe") for name in served(server))  # the probe loaded nothing
+
+
+def test_the_provider_saves_with_the_program_and_keeps_an_openai_model_id(server, tiny_vllm_model_dir, tmp_path,
+                                                                          monkeypatch):
+    """Weights named "openai/<name>" (a model id in the openai organisation; here a folder of that name)
+    train as named; the tuned program, provider and trained engine inside, saves with DSPy's
+    `save_program=True` (cloudpickle) and loads back into a provider that works: the repeated job reuses
+    the adapter through an engine made again, and the loaded program answers as the saved one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai").mkdir()
+    (tmp_path / "openai" / "tiny-weights").symlink_to(tiny_vllm_model_dir)
+    provider = TandemProvider(server, out_dir=tmp_path / "jobs", lora=LORA, served_model_name="tiny", progress=False)
+    lm = server_lm(server, "openai/tiny-weights", provider)
+    data = [{"messages": [{"role": "user", "content": f"word: {w}"}, {"role": "assistant", "content": f"ok {w}"}]}
+            for w in WORDS[:3]]
+    tuned = lm.finetune(data, TrainDataFormat.CHAT).result()
+    assert isinstance(tuned, dspy.LM), tuned
+    (job,) = provider.jobs
+    assert job.record["weights"] == "openai/tiny-weights" and not job.reused
+
+    program = dspy.Predict("word -> reply")
+    program.set_lm(tuned)
+    program.save(str(tmp_path / "saved"), save_program=True)
+    loaded = dspy.load(str(tmp_path / "saved"), allow_pickle=True)
+    again = loaded.lm.provider
+    assert isinstance(again, TandemProvider) and again is not provider and again._engines == {}
+    assert [j.model for j in again.jobs] == [job.model]
+    assert loaded.lm.model == tuned.model and loaded.lm(PROMPTS[0]) == tuned(PROMPTS[0])
+    reloaded = loaded.lm.copy(model=lm.model).finetune(data, TrainDataFormat.CHAT).result()
+    assert isinstance(reloaded, dspy.LM) and reloaded.model == job.model and again.jobs[-1].reused

@@ -191,6 +191,32 @@ def test_a_weight_step_on_the_server_loads_its_adapter_at_runtime(server, local,
     assert len(engine._adapters) == 1
 
 
+def test_the_trainer_copy_of_a_bf16_checkpoint_behind_a_server_trains_in_the_dtype_tandem_chose(
+        server, tiny_vllm_model_dir, tmp_path, monkeypatch):
+    """`--engine openai` trains on a local copy of the weights in the dtype `--dtype auto` chose, as tandem's
+    engine would: fp32 where the probe times bf16 far slower (a CPU without native bf16, where a copy left in
+    the checkpoint's bf16 trained at 2-3 tokens/s), though the checkpoint is bf16."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tandem.lm.openai_server import OpenAIEngine
+    from tandem.settings import LoraSettings
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_vllm_model_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_vllm_model_dir).save_pretrained(bf16)
+    monkeypatch.setattr("tandem.lm.local.probe_dtype_speeds", lambda shape: (1e9, 1e11))  # bf16 emulated
+    engine = OpenAIEngine(str(bf16), server, served_model_name="tiny", device="cpu")  # --dtype auto
+    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": "ok"}] for p in PROMPTS]
+    report = finetune(engine, conversations, tmp_path / "adapter", LoraSettings(rank=4, alpha=8, epochs=1, min_steps=2),
+                      progress=False)
+    assert (report.dtype, report.device) == ("float32", "cpu")
+    assert json.loads((tmp_path / "adapter" / "training.json").read_text())["dtype"] == "float32"
+    assert {p.dtype for p in engine._trainer.model.parameters()} == {torch.float32}
+
+
 class _AlwaysParses:
     """The server's replies, each given a `Reply:` line so that a random model's runs can be trained on."""
 

@@ -10,9 +10,11 @@ server the program already calls. No merge, no copy of the model, no server rela
 
 A job: DSPy hands the provider the chat data of its program's calls; the provider trains one LoRA
 (`train_lora`, through `training.finetune` over the openai engine, on a local copy of the weights `finetuning_model`
-names), loads it into the server at runtime (vLLM's /v1/load_lora_adapter; a server that cannot is
-refused before training, in one line) and returns "openai/<adapter name>", which DSPy makes the LM of
-the tuned program. DSPy's `train_kwargs` set tandem's `LoraSettings` where they mean the same thing
+names, kept whole: "openai/gpt-oss-20b" is a model id, see `job_weights`), loads it into the server at
+runtime (vLLM's /v1/load_lora_adapter; a server that cannot, or not at the job's LoRA rank, is refused
+before training, in one line) and returns "openai/<adapter name>", which DSPy makes the LM of the tuned
+program. Training runs where `device` says (lm/trainer_copy.py: `auto` takes a GPU only where the copy
+fits beside the server, else the CPU, in one line), and the copy leaves the GPU after each job. DSPy's `train_kwargs` set tandem's `LoraSettings` where they mean the same thing
 (`lora_settings`); any other is refused by name, in one line.
 
 Each job is a folder `out_dir/<key>/`: train.jsonl (the data), adapter/ (PEFT safetensors; its
@@ -30,6 +32,8 @@ each, so a DSPy release that changes one fails there by name:
 - `TrainingJob(thread=, model=, train_data=, train_data_format=, train_kwargs=)`, a Future with an
   abstract `status()`; `TrainDataFormat.CHAT` data is `{"messages": [...]}`, the reply last.
 - DSPy deep-copies programs (`Module.deepcopy`), their LMs with them: the provider copies as itself.
+- `Module.save(path, save_program=True)` pickles the program with cloudpickle, its LMs and their provider
+  with it (`dspy.load(path, allow_pickle=True)` reads it back): the provider pickles without its engines.
 - `Program.load`'s JSON layout, which `tandem export --format dspy` writes (export.py, `dspy_state`).
 """
 
@@ -50,7 +54,6 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from ..errors import UsageError
-from ..lm import choose_device
 from ..lm.base import Message
 from ..lm.models import ModelNotFoundError, resolve_model
 from ..lm.openai_server import RUNTIME_LORA_HINT, OpenAIEngine
@@ -99,12 +102,19 @@ class TandemProvider(Provider):
     `base_url`: the server, the `api_base` of the LM it tunes. `out_dir`: where job folders go. `lora`:
     the LoRA settings jobs start from (DSPy's train_kwargs override them per job). `served_model_name`:
     the server's name for the base model (default: the one base model it lists). `device`: where
-    training runs (auto: the first CUDA GPU, else the CPU).
+    training runs: cpu, cuda, cuda:1, or auto: the first CUDA GPU where the copy of the weights fits in
+    its free memory beside what the server holds there, else the CPU, said in one line (a named GPU
+    without room is refused in one line; lm/trainer_copy.py). `dtype`: the copy's dtype, as tandem's
+    `--dtype` (auto: bf16 on a GPU; on a CPU bf16 only where it times faster than fp32).
+
+    Jobs are checked before anything trains: the server loads adapters at runtime and takes their
+    rank (its --max-lora-rank). The provider pickles with the program (DSPy's `save_program=True`): its
+    engines and lock are made again where it is loaded, its finished jobs kept.
     """
 
     def __init__(self, base_url: str, *, out_dir: str | os.PathLike = "tandem-dspy", lora: LoraSettings | None = None,
                  api_key: str | None = None, served_model_name: str | None = None, device: str = "auto",
-                 progress: bool = True):
+                 dtype: str = "auto", progress: bool = True):
         super().__init__()
         self.finetunable = True
         self.TrainingJob = TandemJob
@@ -114,10 +124,24 @@ class TandemProvider(Provider):
         self.api_key = api_key
         self.served_model_name = served_model_name
         self.device = device
+        self.dtype = dtype
         self.progress = progress
         self.jobs: list[Job] = []  # in the order DSPy asked for them
+        self._live()
+
+    def _live(self) -> None:
+        """What lives only in this process: engines (a client, threads, the local copy of the weights) and
+        the lock; made here and again where a pickled provider is loaded."""
         self._engines: dict[str, Any] = {}  # weights -> OpenAIEngine, so the local copy loads once
         self._lock = threading.Lock()  # one job at a time: jobs share that copy
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What DSPy's `save_program=True` pickles: the settings and the jobs, not the live part (`_live`)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_engines", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._live()
 
     def __deepcopy__(self, memo) -> "TandemProvider":
         """A handle on a server and a folder: DSPy deep-copies programs with their LMs, and the copies
@@ -147,9 +171,9 @@ class TandemProvider(Provider):
         root = Path(kwargs.pop(OUTPUT_DIR, None) or self.out_dir)
         settings = lora_settings(self.lora, kwargs)
         conversations = chat_conversations(train_data)
-        weights = model.removeprefix("openai/")
         with self._lock:
-            engine = self._engine(weights)
+            weights, engine = self._engine(model)
+            engine.check_rank(settings.rank)  # before anything is written or trained
             folder = root / job_key(weights, conversations, settings)
             record = read_job(folder)
             reused = record is not None
@@ -161,22 +185,25 @@ class TandemProvider(Provider):
             self.jobs.append(Job(folder, name, reused, record))
         return name
 
-    def _engine(self, weights: str):
-        """The server as tandem's openai engine, training on `weights`; a server that cannot load adapters
-        at runtime is refused here, before anything trains."""
+    def _engine(self, model: str):
+        """(weights, engine): the weights DSPy's `model` names (`job_weights`) and the server as tandem's openai
+        engine training on them; a server that cannot load adapters at runtime is refused here, before
+        anything trains."""
+        bases = served_bases(self.base_url, self.api_key)
+        weights, served = job_weights(model, bases)
         if weights not in self._engines:
             try:
                 resolve_model(weights)
             except ModelNotFoundError as exc:
                 raise UsageError(f"TandemProvider trains on the weights the server runs: give dspy.LM "
                                  f"finetuning_model=<their folder or hub id> ({exc})") from None
-            served = self.served_model_name or base_model_name(self.base_url, self.api_key)
+            served = self.served_model_name or served or base_model_name(self.base_url, bases)
             engine = OpenAIEngine(weights, self.base_url, served_model_name=served, api_key=self.api_key,
-                                  device=choose_device(self.device))
+                                  dtype=self.dtype, device=self.device)
             if not engine.can_load_adapters():
                 raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
             self._engines[weights] = engine
-        return self._engines[weights]
+        return weights, self._engines[weights]
 
     def _train(self, engine, folder: Path, weights: str, conversations: list[list[Message]],
                settings: LoraSettings) -> dict[str, Any]:
@@ -191,7 +218,7 @@ class TandemProvider(Provider):
             "training": {"first_loss": report.first_loss, "last_loss": report.last_loss, "steps": report.steps,
                          "epochs": report.epochs, "examples": report.examples, "tokens": report.tokens,
                          "tokens_per_second": report.tokens_per_second, "seconds": report.seconds,
-                         "dropped_too_long": report.dropped_too_long},
+                         "dropped_too_long": report.dropped_too_long, "device": report.device, "dtype": report.dtype},
             "versions": {**versions(), "dspy": package_version("dspy")},
         }
         write_json(folder / JOB, record)  # last: a folder without it was not finished and is trained again
@@ -271,10 +298,9 @@ def read_job(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def base_model_name(base_url: str, api_key: str | None = None) -> str:
-    """The server's name for its base model: the one model it lists that is not an adapter (vLLM lists
-    adapters with a `parent`), by its first name where it has several (one `root`). Several models:
-    name one with `served_model_name=`."""
+def served_bases(base_url: str, api_key: str | None = None) -> dict[str, str | None]:
+    """The server's base models (vLLM lists adapters too, each with a `parent`): name -> `root`, the weights
+    it says the name runs (vLLM: its --model), None where the server does not say."""
     import httpx
 
     try:
@@ -283,8 +309,30 @@ def base_model_name(base_url: str, api_key: str | None = None) -> str:
         listed = response.json()["data"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         raise UsageError(f"cannot list the models of an OpenAI-compatible server at {base_url} ({exc})") from None
-    bases = [m["id"] for m in listed if not m.get("parent")]
-    if len({m.get("root") or m["id"] for m in listed if not m.get("parent")}) != 1:
+    return {m["id"]: m.get("root") for m in listed if not m.get("parent")}
+
+
+def base_model_name(base_url: str, bases: Mapping[str, str | None]) -> str:
+    """The server's name for its base model: the one model it lists that is not an adapter, by its first
+    name where it has several (one `root`). Several models: name one with `served_model_name=`."""
+    if len({root or name for name, root in bases.items()}) != 1:
         raise UsageError(f"the server at {base_url} serves {', '.join(bases) or 'no model'}: name its base model "
                          "with TandemProvider(served_model_name=...)")
-    return bases[0]
+    return next(iter(bases))
+
+
+def job_weights(model: str, bases: Mapping[str, str | None]) -> tuple[str, str | None]:
+    """(weights, the server's name for them or None): what a job trains, from the `model` DSPy passed.
+
+    DSPy's `LM.finetune` passes `finetuning_model` as the user wrote it, or, without one, the LM's own model,
+    "<LiteLLM provider>/<the server's name>" (dspy.LM("openai/tiny")). Only in that second case is the part
+    before the first "/" not part of the id, and the server's model list tells the cases apart: a name it
+    serves as given is kept whole (finetuning_model="openai/gpt-oss-20b" served under that id); a name
+    whose rest after the first "/" it serves is the LM's own, and trains the weights the server says that
+    name runs (its `root`); anything else names weights as given (a folder, a hub id: "openai/..." too)."""
+    if model in bases:
+        return model, model
+    _, slash, rest = model.partition("/")
+    if slash and rest in bases:
+        return bases[rest] or rest, rest
+    return model, None

@@ -35,8 +35,10 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
 
         if not settings.base_url:
             raise UsageError("--engine openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
+        # The trainer copy decides its device at the first weight step: `auto` takes the GPU only where the
+        # copy fits beside what the GPU holds (a server on the same GPU), else the CPU (lm/trainer_copy.py).
         engine = OpenAIEngine(model, settings.base_url, served_model_name=settings.served_model_name,
-                              concurrency=settings.concurrency, device=device)
+                              concurrency=settings.concurrency, dtype=settings.dtype, device=settings.device)
     else:
         from .local import LocalLM
 

@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import re
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,10 +42,12 @@ from typing import Sequence
 
 from ..errors import EngineError, UsageError
 from .base import (
-    DECODING_VERSION, Completion, Message, Request, Trainee, Usage, adapter_key, chat_prompt, sampling_seed,
+    DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, sampling_seed,
 )
 from .constrained import Budget, PhasedReply
 from .models import ModelNotFoundError, resolve_model
+from .trainer_copy import TrainerCopy
+from .vllm import lora_rank_slot
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,8 @@ class OpenAIEngine:
     """A model behind an OpenAI-compatible endpoint."""
 
     def __init__(self, model: str, base_url: str, *, served_model_name: str | None = None, api_key: str | None = None,
-                 concurrency: int = 32, max_retries: int = 3, timeout: float = 600.0, device: str = "cpu"):
+                 concurrency: int = 32, max_retries: int = 3, timeout: float = 600.0, dtype: str = "auto",
+                 device: str = "auto"):
         try:
             import openai
         except ImportError as exc:
@@ -98,15 +104,16 @@ class OpenAIEngine:
         self.name = served_model_name or model  # what requests ask for
         self.weights = model  # what weight steps train, and the tokenizer's home
         check_served(self.served_models(), self.name, model, self.base_url)
-        self.device = device
+        self.dtype_setting, self.device_setting = dtype, device  # for the trainer copy (lm/trainer_copy.py)
         self.fingerprint = f"{self.base_url}|{model}"
         self.usage = Usage()
         self.concurrency = concurrency
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tandem-openai")
         self._adapters: dict[tuple[str, float], str] = {}
         self._lock = threading.Lock()
-        self._trainer = None
+        self._trainer: TrainerCopy | None = None  # made at the first weight step
         self._tokenizer = None
+        self._ranks: set[int] = set()  # LoRA ranks the server was found to take
         self._budgets: Budget | bool | None = None
         self._setup_lock = threading.Lock()  # the grammar probe and the tokenizer are each found once
         self._grammar_field: object = _UNKNOWN
@@ -298,27 +305,57 @@ class OpenAIEngine:
                 self._adapters[key] = name
             return self._adapters[key]
 
+    def check_rank(self, rank: int) -> None:
+        """Refuse, before anything trains, a LoRA rank above the server's `--max-lora-rank` (asked once a rank).
+
+        vLLM reads an adapter's adapter_config.json and checks its rank before it reads any weights
+        (`PEFTHelper.validate_legal`, in the worker's LoRA manager), and the OpenAI API shows no limit. So
+        the probe is that file alone, with `r` = rank: vLLM refuses it for its rank, or else for having no
+        weights, and loads nothing either way. A server that answers otherwise (another server; one without
+        runtime LoRA, which `can_load_adapters` finds; one that cannot read the probe's folder, which vLLM
+        answers 404 like a missing route) leaves the rank unchecked here: loading the adapter will say."""
+        if rank in self._ranks:
+            return
+        with tempfile.TemporaryDirectory(prefix="tandem-rank-probe-") as folder:
+            config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["q_proj"], "bias": "none"}
+            (Path(folder) / "adapter_config.json").write_text(json.dumps(config))
+            name = f"tandem-rank-probe-{rank}"
+            response = self._post("load_lora_adapter", {"lora_name": name, "lora_path": folder})
+        limit = re.search(r"greater than max_lora_rank (\d+)", response.text)
+        if limit:
+            raise UsageError(f"the server at {self.base_url} takes LoRA adapters up to rank {limit.group(1)} (its "
+                             f"--max-lora-rank) and this weight step trains rank {rank}: train rank {limit.group(1)} "
+                             f"or less, or start the server with --max-lora-rank {lora_rank_slot(rank)}")
+        if response.status_code < 400:  # a server that loaded a weightless adapter: take it out again
+            self._post("unload_lora_adapter", {"lora_name": name})
+        log.debug("rank probe of the server at %s: %s %s", self.base_url, response.status_code, response.text[:200])
+        self._ranks.add(rank)
+
     @contextlib.contextmanager
     def training(self, rank: int):
-        """Peft on a local copy of the model's own weights; the server then loads the adapter at runtime."""
+        """Peft on a local copy of the model's own weights (lm/trainer_copy.py: in the dtype and on the device
+        tandem chose, off the GPU between steps); the server then loads the adapter at runtime. A server that
+        cannot load adapters, or not of this rank, is refused first."""
         if not self.can_load_adapters():
             raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        self.check_rank(rank)
+        from transformers import AutoTokenizer
 
         if self._trainer is None:
             try:
                 path = resolve_model(self.weights)
                 self._tokenizer = AutoTokenizer.from_pretrained(path)
-                self._trainer = AutoModelForCausalLM.from_pretrained(path).to(self.device)
+                copy = TrainerCopy(path, self.dtype_setting, self.device_setting,
+                                   what=f"{self.weights} (served at {self.base_url})",
+                                   room="start a server on this GPU with a lower --gpu-memory-utilization")
+                copy.load()
             except (ModelNotFoundError, OSError) as exc:
                 raise UsageError(f"a weight step on --engine openai trains locally, so --model must name the weights "
                                  f"the server runs (a folder or hub id; --served-model-name the server's name for "
                                  f"them): {exc}") from None
-        trainee = Trainee(self._trainer, self._tokenizer, self._render)
-        try:
+            self._trainer = copy
+        with self._trainer.lend(self._tokenizer, self._render) as trainee:
             yield trainee
-        finally:
-            self._trainer = trainee.model
 
     @property
     def path(self) -> str:

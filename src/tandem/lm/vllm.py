@@ -24,10 +24,11 @@ adapter's weights (vllm-project/vllm #49656, #48421), so base and adapter reques
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
+import gc
 import glob
 import hashlib
-import contextlib
 import logging
 import os
 import sys
@@ -35,15 +36,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..errors import EngineError, UsageError
 from .base import (
-    DECODING_VERSION, Completion, Message, Request, Trainee, Usage, adapter_key, chat_prompt, check_results, eos_ids,
+    DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, check_results, eos_ids,
     sampling_seed,
 )
 from .batching import DynamicBatcher
 from .constrained import Budget, PhasedReply
 from .local import pick_dtype
 from .models import resolve_model
+from .trainer_copy import TrainerCopy, gigabytes
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ def cpu_environment() -> dict[str, str]:
     return env
 
 
+LEFT_BEHIND = 2**29  # bytes of GPU memory a weight step may leave taken (CUDA context, cuBLAS workspace) unsaid
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
@@ -147,7 +152,8 @@ class VLLMEngine:
         self.budget = Budget(self.tokenizer, jump_forward=False)
         self._eos = set(eos_ids(self.tokenizer, generation_eos(path)))
         self._loras: dict[tuple[str, float], object] = {}
-        self._trainer = None  # a Hugging Face copy of the model, made at the first weight step
+        self._trainer = TrainerCopy(path, dtype_name, self.device, what="vLLM's model",
+                                    room="free it of other processes; vLLM sleeps meanwhile")  # made at the first step
         self._batcher = DynamicBatcher(self._run_batch, max_batch=max_batch, max_wait=max_wait)
 
     # -- the LM protocol ---------------------------------------------------------------------
@@ -199,31 +205,45 @@ class VLLMEngine:
 
     @contextlib.contextmanager
     def training(self, rank: int):
-        """A Hugging Face copy of the model (made once), on the device vLLM runs on; on a GPU vLLM sleeps
-        meanwhile. The adapter is then served by path."""
-        from transformers import AutoModelForCausalLM
-
+        """A Hugging Face copy of the model (lm/trainer_copy.py: made once, in the engine's dtype, on its
+        device); the adapter is then served by path. On a GPU, vLLM sleeps while it trains (its weights to
+        host memory, its KV cache freed); after the step the copy leaves the GPU and the allocator's cache
+        is emptied before vLLM wakes, so it wakes into the memory it had: every weight step, every r round."""
         if rank > self.max_lora_rank:
             raise UsageError(f"LoRA rank {rank} is above the {self.max_lora_rank} this vLLM engine was started "
                              "with; start it with the rank the weight steps use (--rank)")
-        if self.sleeps:
-            import torch
-
-            free = torch.cuda.mem_get_info()[0]
-            self.llm.sleep(level=1)
-            log.info("vLLM sleeps while the weight step trains: %.1f GB of GPU memory freed",
-                     (torch.cuda.mem_get_info()[0] - free) / 2**30)
+        awake_free = self._sleep() if self.sleeps else None
         try:
-            if self._trainer is None:
-                self._trainer = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype).to(self.device)
-            trainee = Trainee(self._trainer, self.tokenizer, self.prompt_text)
-            try:
+            with self._trainer.lend(self.tokenizer, self.prompt_text) as trainee:
                 yield trainee
-            finally:
-                self._trainer = trainee.model
         finally:
             if self.sleeps:
-                self.llm.wake_up()
+                self._wake(awake_free)
+
+    def _sleep(self) -> int:
+        """Put vLLM to sleep (level 1); returns the GPU's free bytes before, to compare on waking."""
+        free = torch.cuda.mem_get_info()[0]
+        self.llm.sleep(level=1)
+        log.info("vLLM sleeps while the weight step trains: %s of GPU memory freed",
+                 gigabytes(torch.cuda.mem_get_info()[0] - free))
+        return free
+
+    def _wake(self, awake_free: int) -> None:
+        """Wake vLLM once the trainer copy has left the GPU (`TrainerCopy.release`, also after a failed step).
+        vLLM maps back every allocation it slept with, so it has all its memory again or wake_up fails; what
+        this process still holds on the GPU is said where it is more than a little."""
+        gc.collect()
+        torch.cuda.empty_cache()
+        awake = self.llm.wake_up()
+        if awake is False:  # vLLM >= 0.32 says whether every allocation is back
+            raise EngineError("vLLM woke only partly after the weight step (some of its memory is still asleep)")
+        free = torch.cuda.mem_get_info()[0]
+        log.info("vLLM is awake again: %s of GPU memory free (%s before it slept)", gigabytes(free),
+                 gigabytes(awake_free))
+        if free < awake_free - LEFT_BEHIND:
+            log.warning("%s less GPU memory is free than before the weight step: this process still holds %s "
+                        "(torch's cache: %s)", gigabytes(awake_free - free),
+                        gigabytes(torch.cuda.memory_allocated()), gigabytes(torch.cuda.memory_reserved()))
 
     # -- generation ----------------------------------------------------------------------------
 

@@ -307,6 +307,8 @@ def train_lora(
         first_loss=sum(losses[:window]) / len(losses[:window]), last_loss=sum(losses[-window:]) / len(losses[-window:]),
         losses=losses, dropped_too_long=dropped, learning_rates=rates, epochs=epochs, checkpoints=checkpoints,
         step_losses=step_losses,
+        device=str(device),
+        dtype=str(next(p for p in peft_model.parameters() if not p.requires_grad).dtype).removeprefix("torch."),
     )
     (Path(out_dir) / "training.json").write_text(json.dumps({"settings": asdict(settings), **asdict(report)}, indent=1))
 

@@ -25,6 +25,8 @@ class TrainReport:
     # The adapters saved on the way, the last one the adapter itself: {"step", "epoch", "path"} each,
     # `epoch` the passes over the data done by then (2.5: half-way through the third).
     checkpoints: list[dict] = field(default_factory=list)
+    device: str = ""  # where it trained (cpu, cuda:0) and the base weights' dtype (bfloat16, float32)
+    dtype: str = ""
 
     @property
     def tokens_per_second(self) -> float:
