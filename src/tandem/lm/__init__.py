@@ -21,6 +21,8 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
     device = choose_device(settings.device)
     if settings.served_model_name and kind != "openai":
         raise UsageError(f"--served-model-name names a model on a server: it goes with --engine openai, not {kind}")
+    if settings.adapter_share and kind != "openai":
+        raise UsageError(f"--adapter-share is where servers read adapters: it goes with --engine openai, not {kind}")
     # Each engine is imported when it is asked for: they import torch, and vLLM or the openai client (extras),
     # which `import tandem` and the CLI's start do not need.
     if kind == "vllm":
@@ -36,7 +38,7 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
         if not settings.base_url:
             raise UsageError("--engine openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
         engine = OpenAIEngine(model, settings.base_url, served_model_name=settings.served_model_name,
-                              concurrency=settings.concurrency, device=device)
+                              concurrency=settings.concurrency, device=device, adapter_share=settings.adapter_share)
     else:
         from .local import LocalLM
 
