@@ -109,9 +109,9 @@ class Server:
         """A request to the server outside the OpenAI API (adapters); Unavailable where it does not answer."""
         import httpx
 
+        headers = {"Authorization": f"Bearer {self.client.api_key}", **kwargs.pop("headers", {})}
         try:
-            return httpx.request(method, f"{self.root}/{path}", timeout=kwargs.pop("timeout", 300),
-                                 headers={"Authorization": f"Bearer {self.client.api_key}"}, **kwargs)
+            return httpx.request(method, f"{self.root}/{path}", timeout=300, headers=headers, **kwargs)
         except httpx.TransportError as exc:
             raise Unavailable(f"{type(exc).__name__}: {exc}") from None
 
