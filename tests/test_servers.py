@@ -5,6 +5,8 @@ them by path). The refusals go through stand-ins that forward to a real server a
 The last test kills `near`: keep it last."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -190,7 +192,7 @@ def test_refusals_before_training_name_the_server_and_what_to_do(pair, tiny_vllm
 
 
 def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
-    """`near` is killed after a few requests of an evaluation with an adapter: the rest go to `apart`, and
+    """`near` is killed (SIGKILL) after a few requests of an evaluation with an adapter: the rest go to `apart`, and
     every score equals a run on `apart` alone. Kills `near`: the module's last test."""
     from test_local_lm import make_adapter
 
@@ -202,18 +204,22 @@ def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
     examples = task.split("val")[:12]
     program = task.make_program()
     program.adapter = make_adapter(tiny_vllm_model_dir, tmp_path / "adapter", seed=1)
-    generation = GenerationSettings(max_new_tokens=10, threads=8)
+    generation = GenerationSettings(max_new_tokens=40, threads=8)
     alone = evaluate(program, OpenAIEngine(tiny_vllm_model_dir, pair.apart), examples, task.metric, generation,
                      progress=False)
     both = OpenAIEngine(tiny_vllm_model_dir, [pair.apart, pair.near], max_retries=1, timeout=30)
     near = next(s for s in both.servers if s.url == pair.near)
-    answered, on = [], both._on
+    answered, original, lock = [], both._on, threading.Lock()
 
     def on(server, request):  # kill `near` once it has answered three requests
-        completion = on(server, request)
-        answered.append(server.url)
-        if answered.count(pair.near) == 3:
-            stop_server(pair.processes[1])
+        if not answered:  # before the first request: the adapter is on both servers, as they list it
+            name = both._served_name(request.adapter)
+            assert name in adapters(pair.apart) and name in adapters(pair.near)
+        completion = original(server, request)
+        with lock:
+            answered.append(server.url)
+            if server.url == pair.near and answered.count(pair.near) == 3:  # the node dies: no goodbye
+                os.killpg(pair.processes[1].pid, signal.SIGKILL)
         return completion
 
     both._on = on

@@ -94,6 +94,9 @@ class Server:
         except openai.APIConnectionError as exc:
             raise EngineError(f"cannot reach an OpenAI-compatible server at {self.url} ({exc.__cause__ or exc})") \
                 from None
+        except openai.AuthenticationError:
+            raise UsageError(f"the server at {self.url} refused the API key: set OPENAI_API_KEY to its --api-key") \
+                from None
         except openai.APIStatusError as exc:
             raise UsageError(f"{self.url} is not an OpenAI-compatible server: GET {self.url}/models answered "
                              f"{exc.status_code} (give --base-url the server's /v1 address)") from None
