@@ -102,7 +102,7 @@ def evaluate_on(urls: list[str], weights: str, program, examples, metric, genera
     latencies.sort()
     return {"servers": len(urls), "requests": len(latencies), "seconds": seconds, "rps": len(latencies) / seconds,
             "p50": statistics.median(latencies), "p95": latencies[int(0.95 * (len(latencies) - 1))],
-            "score": result.mean()}
+            "score": result.score}
 
 
 def load_times(urls: list[str], weights: str, adapter: str, tries: int = 3) -> list[tuple[str, str, float]]:

@@ -192,8 +192,8 @@ def test_refusals_before_training_name_the_server_and_what_to_do(pair, tiny_vllm
 
 
 def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
-    """`near` is killed (SIGKILL) after a few requests of an evaluation with an adapter: the rest go to `apart`, and
-    every score equals a run on `apart` alone. Kills `near`: the module's last test."""
+    """`near` is killed (SIGKILL) as its third request of an evaluation with an adapter comes in: that request and
+    the rest go to `apart`, and every score equals a run on `apart` alone. Kills `near`: the module's last test."""
     from test_local_lm import make_adapter
 
     from tandem.evaluate import evaluate
@@ -209,22 +209,23 @@ def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
                      progress=False)
     both = OpenAIEngine(tiny_vllm_model_dir, [pair.apart, pair.near], max_retries=1, timeout=30)
     near = next(s for s in both.servers if s.url == pair.near)
-    answered, original, lock = [], both._on, threading.Lock()
+    answered, calls, original, lock = [], [], both._on, threading.Lock()
 
-    def on(server, request):  # kill `near` once it has answered three requests
+    def on(server, request):  # `near` dies as its third request comes in, after answering two
         if not answered:  # before the first request: the adapter is on both servers, as they list it
             name = both._served_name(request.adapter)
             assert name in adapters(pair.apart) and name in adapters(pair.near)
-        completion = original(server, request)
         with lock:
-            answered.append(server.url)
-            if server.url == pair.near and answered.count(pair.near) == 3:  # the node dies: no goodbye
+            calls.append(server.url)
+            if server.url == pair.near and calls.count(pair.near) == 3:  # the node dies: no goodbye
                 os.killpg(pair.processes[1].pid, signal.SIGKILL)
+        completion = original(server, request)
+        answered.append(server.url)
         return completion
 
     both._on = on
     result = evaluate(program, both, examples, task.metric, generation, progress=False)
-    assert not near.alive and answered.count(pair.near) == 3 and answered.count(pair.apart) > 0
+    assert not near.alive and answered.count(pair.near) == 2 and answered.count(pair.apart) > 0
     assert [r.score for r in result.results] == [r.score for r in alone.results]
     assert [r.prediction for r in result.results] == [r.prediction for r in alone.results]
 
