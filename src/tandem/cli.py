@@ -88,8 +88,8 @@ def _add_job(p: argparse.ArgumentParser, budget_default: str | None) -> None:
     g.add_argument("--reflection-model", metavar="MODEL", help="the model that reads traces and writes instructions: "
                    "an alias, a folder, a .gguf file or a hub id (default: --model)")
     g.add_argument("--reflection-engine", choices=ENGINES, help="its engine (default: --engine)")
-    g.add_argument("--reflection-base-url", metavar="URL",
-                   help="its server, for --reflection-engine openai (default: --base-url)")
+    g.add_argument("--reflection-base-url", metavar="URL", action="append",
+                   help="its server, for --reflection-engine openai, once per server (default: --base-url)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild report.md, CSV/JSON and charts of an experiment folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", allow_abbrev=False, help="vLLM's OpenAI-compatible server as tandem's weight steps "
+                       "need it, on a node that shares no files with the optimizer; any other flag goes to vLLM",
+                       usage="tandem serve --model WEIGHTS [--rank N] [--adapter-dir DIR] [vLLM's server flags]")
+    p.add_argument("--model", required=True, help="the weights to serve: an alias, a folder or a hub id (the "
+                   "optimizer's --model names the same)")
+    p.add_argument("--rank", type=int, default=16, help="the largest LoRA rank adapters will have: sets vLLM's "
+                   "--max-lora-rank unless given (default: 16, tandem's)")
+    p.add_argument("--adapter-dir", help="where adapters sent to this server are kept (default: a new temporary "
+                   "folder)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -193,7 +204,8 @@ def _reflection_lm(args, engine: EngineSettings, reflects: bool):
     kind = args.reflection_engine or engine.engine
     # --served-model-name is the task model's name on its server: another model or server has its own.
     same_server = kind == "openai" and args.reflection_model is None and args.reflection_base_url is None
-    settings = with_overrides(engine, {"engine": kind, "base_url": args.reflection_base_url or engine.base_url,
+    urls = tuple(args.reflection_base_url) if args.reflection_base_url else engine.base_url
+    settings = with_overrides(engine, {"engine": kind, "base_url": urls,
                                        "served_model_name": engine.served_model_name if same_server else None})
     if settings.engine == "openai" and not settings.base_url:
         raise UsageError("--reflection-engine openai needs --reflection-base-url, e.g. http://127.0.0.1:8000/v1")
@@ -289,6 +301,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     tracker = open_tracker(_settings(TrackingSettings, args), run_dir, f"tandem-{task.name}")
     reflection_lm = _reflection_lm(args, engine, any(KINDS[s].reflects for s in steps))
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
+    _check_adapters(lm, run_dir, job, steps)
     job = replace(job, optimize=replace(job.optimize, generation=honest_generation(lm, job.optimize.generation)))
     name = f"{run_dir.name} {pretty(steps)}"
     with tracker.child(prefix_name(steps), name, {"tandem.strategy": pretty(steps)}) as run:
@@ -303,6 +316,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"best program: {run_dir / result.best / 'program.json'}; all results: {results_path(run_dir, steps)}; "
           f"report: {result.report}")
     return 0
+
+
+def _check_adapters(lm, run_dir: Path, job: JobSettings, steps) -> None:
+    """Where a step trains weights, servers that could not load its adapters are refused now, before the
+    first step runs (and again before each training, by the training functions)."""
+    check = getattr(lm, "check_adapters", None)
+    if check is not None and any(KINDS[s].weights for s in steps):
+        check(run_dir, job.optimize.weights.lora.rank)
 
 
 def _check_folder(run_dir: Path, args: argparse.Namespace, job: JobSettings) -> None:
@@ -340,6 +361,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     reflects = any(KINDS[s].reflects for strategy in strategies.values() if strategy for s in parse_strategy(strategy))
     reflection_lm = _reflection_lm(args, engine, reflects)
     lm = _lm(args, _resumed(run_dir, engine), job.optimize.weights.lora.rank)
+    _check_adapters(lm, run_dir, job, [s for strategy in strategies.values() if strategy for s in parse_strategy(strategy)])
     seeds = range(job.optimize.seed, job.optimize.seed + args.seeds)
     with tracker.child("experiment", f"{run_dir.name} (experiment)") as grid:
         run_grid(task, _program(task, args), lm, strategies, seeds, job, run_dir,
@@ -426,6 +448,13 @@ def _input_names(program) -> list[str]:
     return [p.name for p in params if p.default is p.empty]
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve  # vLLM (an extra)
+
+    _check_positive(args, "rank")
+    return serve(args.model, args.rank, args.adapter_dir, args.extra)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .experiments import table, write_report
 
@@ -440,7 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (the model or engine failed, the error budget ran out, a bug), 130 interrupted. Each error is
     one line; -v shows its traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":  # only `tandem serve` passes flags on (to vLLM)
+        parser.parse_args(argv)
+    args.extra = extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("tandem").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # steps, candidates, resumes
     # --track mlflow: MLflow's own INFO lines (a new store's tables, its trace queue's flush at exit) only with -v

@@ -21,9 +21,10 @@ from .errors import ConfigError, UsageError
 
 
 def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, lt: float | None = None,
-            choices: tuple | None = None, cli: bool = True) -> Any:
-    """A dataclass field with its help text and bounds (checked by `validate`)."""
-    meta = {"help": help, "ge": ge, "gt": gt, "lt": lt, "choices": choices, "cli": cli}
+            choices: tuple | None = None, cli: bool = True, repeat: bool = False) -> Any:
+    """A dataclass field with its help text and bounds (checked by `validate`); `repeat`: a tuple whose
+    flag is given once per value (`--base-url A --base-url B`)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "lt": lt, "choices": choices, "cli": cli, "repeat": repeat}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not settings")
     if dataclasses.is_dataclass(default):
@@ -35,7 +36,7 @@ def validate(obj: Any) -> None:
     """Check every field against its bounds; raise ConfigError naming the first bad one."""
     for f in dataclasses.fields(obj):
         value, m = getattr(obj, f.name), f.metadata
-        if value is None or dataclasses.is_dataclass(value) or isinstance(value, bool):
+        if value is None or dataclasses.is_dataclass(value) or isinstance(value, (bool, tuple, list)):
             continue
         if m.get("choices") is not None and value not in m["choices"]:
             raise ConfigError(f.name, f"must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
@@ -82,7 +83,14 @@ class EngineSettings(Settings):
     engine: str = setting("auto", "transformers: tandem's own engine; vllm: vLLM in process; openai: a server at "
                                   "--base-url; auto: vllm where a CUDA GPU and vLLM are present, else transformers",
                           choices=ENGINES)
-    base_url: str | None = setting(None, "openai engine: the server's URL, e.g. http://127.0.0.1:8000/v1")
+    base_url: tuple[str, ...] | None = setting(None, "openai engine: the server's URL, e.g. http://127.0.0.1:8000/v1; "
+                                                     "once per server where several serve the same weights",
+                                               repeat=True)
+    adapter_share: str | None = setting(None, "openai engine: a folder the servers read too (NFS, a volume, a "
+                                              "mounted bucket): adapters are copied there and the servers load them "
+                                              "from it; LOCAL=SERVER_PATH where the servers mount it elsewhere "
+                                              "(unset: sent to `tandem serve` servers, else loaded by their path "
+                                              "here)")
     dtype: str = setting("auto", "weights dtype; auto times bf16 against fp32 on the model's matmul shape and takes bf16 "
                                          "where it is clearly (1.5x) faster; a resumed run keeps the dtype it recorded",
                          choices=("auto", "bfloat16", "float32", "float16"))
@@ -389,6 +397,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
         if kind is bool:
             group.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=text)
+        elif f.metadata.get("repeat"):
+            group.add_argument(f"--{name.replace('_', '-')}", dest=name, action="append", default=None, help=text,
+                               metavar="TEXT")
         else:
             choices = f.metadata.get("choices")
             group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, choices=choices,
@@ -396,8 +407,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
 
 
 def overrides_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The flags of `cls` that were given on the command line, by flag name."""
-    return {name: getattr(args, name) for name in flag_names(cls).values() if getattr(args, name, None) is not None}
+    """The flags of `cls` that were given on the command line, by flag name (a repeated flag's values as a tuple)."""
+    given = {name: getattr(args, name) for name in flag_names(cls).values() if getattr(args, name, None) is not None}
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
 
 
 def flag_of(cls: type, field_name: str) -> str:

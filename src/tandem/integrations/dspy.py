@@ -56,7 +56,7 @@ from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 from ..errors import UsageError
 from ..lm.base import Message
 from ..lm.models import ModelNotFoundError, resolve_model
-from ..lm.openai_server import RUNTIME_LORA_HINT, OpenAIEngine
+from ..lm.openai_server import OpenAIEngine
 from ..rundir import versions, write_json
 from ..settings import LoraSettings
 from ..training.lora import finetune
@@ -99,7 +99,8 @@ class TandemJob(TrainingJob):
 class TandemProvider(Provider):
     """DSPy's fine-tuning provider for a model behind a vLLM server that loads adapters at runtime.
 
-    `base_url`: the server, the `api_base` of the LM it tunes. `out_dir`: where job folders go. `lora`:
+    `base_url`: the server, the `api_base` of the LM it tunes; or a list of servers serving the same weights,
+    each of which gets every adapter (the LM's `api_base` is one of them, or a router in front of them). `out_dir`: where job folders go. `lora`:
     the LoRA settings jobs start from (DSPy's train_kwargs override them per job). `served_model_name`:
     the server's name for the base model (default: the one base model it lists). `device`: where
     training runs: cpu, cuda, cuda:1, or auto: the first CUDA GPU where the copy of the weights fits in
@@ -112,13 +113,15 @@ class TandemProvider(Provider):
     engines and lock are made again where it is loaded, its finished jobs kept.
     """
 
-    def __init__(self, base_url: str, *, out_dir: str | os.PathLike = "tandem-dspy", lora: LoraSettings | None = None,
+    def __init__(self, base_url: str | Sequence[str], *, out_dir: str | os.PathLike = "tandem-dspy",
+                 lora: LoraSettings | None = None,
                  api_key: str | None = None, served_model_name: str | None = None, device: str = "auto",
                  dtype: str = "auto", progress: bool = True):
         super().__init__()
         self.finetunable = True
         self.TrainingJob = TandemJob
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
+        self.base_url = self.base_urls[0]
         self.out_dir = Path(out_dir)
         self.lora = lora or LoraSettings()
         self.api_key = api_key
@@ -158,9 +161,9 @@ class TandemProvider(Provider):
 
     def _check_same_server(self, lm) -> None:
         url = lm.kwargs.get("api_base") or lm.kwargs.get("base_url")
-        if url and url.rstrip("/") != self.base_url:
-            raise UsageError(f"the LM {lm.model} calls {url}, but TandemProvider loads adapters into {self.base_url}: "
-                             "give both the same server")
+        if url and url.rstrip("/") not in self.base_urls:
+            raise UsageError(f"the LM {lm.model} calls {url}, but TandemProvider loads adapters into "
+                             f"{', '.join(self.base_urls)}: give both the same server")
 
     def finetune(self, job: TrainingJob, model: str, train_data: list[dict[str, Any]],
                  train_data_format: TrainDataFormat | str | None, train_kwargs: dict[str, Any] | None = None) -> str:
@@ -173,7 +176,9 @@ class TandemProvider(Provider):
         conversations = chat_conversations(train_data)
         with self._lock:
             weights, engine = self._engine(model)
-            engine.check_rank(settings.rank)  # before anything is written or trained
+            # every server loads adapters at runtime, reads or receives them, and takes this job's rank: found
+            # before anything is written or trained
+            engine.check_adapters(root, settings.rank)
             folder = root / job_key(weights, conversations, settings)
             record = read_job(folder)
             reused = record is not None
@@ -198,10 +203,8 @@ class TandemProvider(Provider):
                 raise UsageError(f"TandemProvider trains on the weights the server runs: give dspy.LM "
                                  f"finetuning_model=<their folder or hub id> ({exc})") from None
             served = self.served_model_name or served or base_model_name(self.base_url, bases)
-            engine = OpenAIEngine(weights, self.base_url, served_model_name=served, api_key=self.api_key,
+            engine = OpenAIEngine(weights, self.base_urls, served_model_name=served, api_key=self.api_key,
                                   dtype=self.dtype, device=self.device)
-            if not engine.can_load_adapters():
-                raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
             self._engines[weights] = engine
         return weights, self._engines[weights]
 

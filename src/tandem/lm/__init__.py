@@ -21,6 +21,8 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
     device = choose_device(settings.device)
     if settings.served_model_name and kind != "openai":
         raise UsageError(f"--served-model-name names a model on a server: it goes with --engine openai, not {kind}")
+    if settings.adapter_share and kind != "openai":
+        raise UsageError(f"--adapter-share is where servers read adapters: it goes with --engine openai, not {kind}")
     # Each engine is imported when it is asked for: they import torch, and vLLM or the openai client (extras),
     # which `import tandem` and the CLI's start do not need.
     if kind == "vllm":
@@ -38,7 +40,8 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
         # The trainer copy decides its device at the first weight step: `auto` takes the GPU only where the
         # copy fits beside what the GPU holds (a server on the same GPU), else the CPU (lm/trainer_copy.py).
         engine = OpenAIEngine(model, settings.base_url, served_model_name=settings.served_model_name,
-                              concurrency=settings.concurrency, dtype=settings.dtype, device=settings.device)
+                              concurrency=settings.concurrency, dtype=settings.dtype, device=settings.device,
+                              adapter_share=settings.adapter_share)
     else:
         from .local import LocalLM
 

@@ -1,19 +1,24 @@
-"""tandem's LM protocol on any OpenAI-compatible server (`--engine openai --base-url URL`).
+"""tandem's LM protocol on any OpenAI-compatible server (`--engine openai --base-url URL`), or on several
+serving the same weights (`--base-url` once per server; lm/servers.py spreads requests, takes out a server
+that stops answering and brings adapters to each).
 
 vLLM, SGLang, llama.cpp's server or a hosted endpoint, through the official `openai` client: one
-chat completion per request, at most `concurrency` in flight (the server batches them), each
-retried `max_retries` times by the client with backoff; a failure after that stops the step with
-the server's message. Sampling settings, seed and stop strings go with every request.
+chat completion per request, at most `concurrency` in flight (the servers batch them), each
+retried `max_retries` times by the client with backoff; a server that still does not answer is taken
+out and the request goes to another; one that answers with an error stops the step with its message.
+Sampling settings, seed and stop strings go with every request.
 
 Names: `--model` names the weights (a folder, an alias or a hub id: what weight steps train and whose
 tokenizer prices replies), `--served-model-name` what requests ask for, where the server serves the model
 under another name (vLLM's flag of the same name); by default the two are one. Both are checked up
-front against the server's model list.
+front against every server's model list; several servers must answer one greedy request alike (the
+same weights), or the run is refused naming the two that differ.
 
-Adapters: a weight step trains with peft on a local copy of the weights and then loads the adapter into the
-server at runtime (vLLM: `POST /v1/load_lora_adapter`, enabled by `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`
-and `--enable-lora`), addressing it by name from then on. A server that cannot load adapters is
-found out before training, with one line saying how to start it.
+Adapters: a weight step trains with peft on a local copy of the weights and then loads the adapter into
+every server at runtime (vLLM: `POST /v1/load_lora_adapter`, enabled by `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`
+and `--enable-lora`; the files sent to a `tandem serve` server, or put in `--adapter-share`), before any
+request asks for it, addressing it by name from then on. A server that could not load the step's adapter
+is found before training (`check_adapters`), with one line saying what to do.
 
 Constrained decoding sends the reply grammar (xgrammar's EBNF) in the first request field the server
 honours: vLLM's `structured_outputs`, older vLLM's `guided_grammar` or SGLang's `ebnf`. Which one is
@@ -28,12 +33,10 @@ tokenizer; without a tokenizer here, a constrained reply is one request whose fr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
-import tempfile
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,10 +47,12 @@ from ..errors import EngineError, UsageError
 from .base import (
     DECODING_VERSION, Completion, Message, Request, Usage, adapter_key, chat_prompt, sampling_seed,
 )
+from .cache import adapter_digest
 from .constrained import Budget, PhasedReply
 from .models import ModelNotFoundError, resolve_model
+from .servers import Pool, Server, Share, Unavailable, copy_to_share, prefix_key, probe_adapter, refusal, \
+    runtime_lora_hint
 from .trainer_copy import TrainerCopy
-from .vllm import lora_rank_slot
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +61,6 @@ GRAMMAR_FIELDS = ("structured_outputs", "guided_grammar", "ebnf")
 PROBE = "tandem-ok"  # the one string the probe's grammar allows
 _UNKNOWN = object()
 
-RUNTIME_LORA_HINT = ("start vLLM's server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora "
-                     "--max-lora-rank 64, or run weight steps with --engine transformers or vllm")
 
 
 def check_served(served: dict[str, dict], name: str, weights: str, base_url: str) -> None:
@@ -88,54 +91,77 @@ def _same_folder(root: str, weights: str) -> bool:
 
 
 class OpenAIEngine:
-    """A model behind an OpenAI-compatible endpoint."""
+    """A model behind one or several OpenAI-compatible endpoints."""
 
-    def __init__(self, model: str, base_url: str, *, served_model_name: str | None = None, api_key: str | None = None,
-                 concurrency: int = 32, max_retries: int = 3, timeout: float = 600.0, dtype: str = "auto",
-                 device: str = "auto"):
+    def __init__(self, model: str, base_url: str | Sequence[str], *, served_model_name: str | None = None,
+                 api_key: str | None = None, concurrency: int = 32, max_retries: int = 3, timeout: float = 600.0,
+                 dtype: str = "auto", device: str = "auto", adapter_share: str | None = None):
         try:
             import openai
         except ImportError as exc:
             raise UsageError(f"--engine openai needs the openai package: pip install openai ({exc})") from None
         self.openai = openai
-        self.base_url = base_url.rstrip("/")
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none"),
-                                    max_retries=max_retries, timeout=timeout)
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise UsageError("--engine openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
+        twice = next((u for i, u in enumerate(urls) if u.rstrip("/") in [v.rstrip("/") for v in urls[:i]]), None)
+        if twice:
+            raise UsageError(f"--base-url {twice} is given twice: give each server once")
+        key = api_key or os.environ.get("OPENAI_API_KEY", "none")
+        self.servers = [Server(u, openai, api_key=key, max_retries=max_retries, timeout=timeout) for u in urls]
+        self.base_url = self.servers[0].url
         self.name = served_model_name or model  # what requests ask for
         self.weights = model  # what weight steps train, and the tokenizer's home
-        check_served(self.served_models(), self.name, model, self.base_url)
+        for server in self.servers:
+            check_served(server.models(), self.name, model, server.url)
+        if len(self.servers) > 1:
+            self._check_same_weights()
         self.dtype_setting, self.device_setting = dtype, device  # for the trainer copy (lm/trainer_copy.py)
-        self.fingerprint = f"{self.base_url}|{model}"
+        self.fingerprint = "|".join(s.url for s in self.servers) + f"|{model}"
         self.usage = Usage()
         self.concurrency = concurrency
+        self.share = Share.parse(adapter_share) if adapter_share else None
+        self.pool = Pool(self.servers, slack=max(2, concurrency // (4 * len(self.servers))))
+        self.adapter_loads: list[dict] = []  # server, way, seconds of each adapter load (bench/servers.py)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tandem-openai")
         self._adapters: dict[tuple[str, float], str] = {}
+        self._checked: set[tuple[str, str, int]] = set()
         self._lock = threading.Lock()
         self._trainer: TrainerCopy | None = None  # made at the first weight step
         self._tokenizer = None
-        self._ranks: set[int] = set()  # LoRA ranks the server was found to take
         self._budgets: Budget | bool | None = None
         self._setup_lock = threading.Lock()  # the grammar probe and the tokenizer are each found once
         self._grammar_field: object = _UNKNOWN
         self._token_ids = True  # ask for the sampled token ids (vLLM's `return_token_ids`) until the server refuses
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, object]:
         """What a run folder records and compares; the client's version is recorded with the others."""
         named = {"served_model_name": self.name} if self.name != self.weights else {}
-        return {"engine": "openai", "base_url": self.base_url, "model": self.weights, **named,
+        urls = [s.url for s in self.servers]
+        return {"engine": "openai", "base_url": urls[0] if len(urls) == 1 else urls, "model": self.weights, **named,
                 "decoding": self.decoding}
 
     def served_models(self) -> dict[str, dict]:
-        """The server's model list: each name it serves, adapters included, with what the server says of it
-        (vLLM: `root`, the weights' or the adapter's folder; `parent`, an adapter's base model)."""
-        try:
-            listed = self.client.models.list().data
-        except self.openai.APIConnectionError as exc:
-            raise EngineError(f"cannot reach an OpenAI-compatible server at {self.base_url} ({exc.__cause__ or exc})") \
-                from None
-        except self.openai.APIError as exc:
-            raise EngineError(f"the server at {self.base_url} refused to list its models: {exc}") from None
-        return {m.id: dict(m.model_extra or {}) for m in listed}
+        """The first server's model list (`Server.models`)."""
+        return self.servers[0].models()
+
+    def _check_same_weights(self) -> None:
+        """Several servers must serve the same weights: one greedy request, the same reply from each."""
+        replies = {}
+        for server in self.servers:
+            try:
+                response = server.client.chat.completions.create(
+                    model=self.name, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=8,
+                    temperature=0.0, seed=0)
+            except self.openai.APIError as exc:
+                raise EngineError(f"the server at {server.url} failed a request: {exc}") from None
+            replies[server.url] = response.choices[0].message.content or ""
+        first, reply = next(iter(replies.items()))
+        for url, other in replies.items():
+            if other != reply:
+                raise UsageError(f"the servers at {first} and {url} serve different weights as {self.name!r}: the same "
+                                 f"greedy request got {reply!r} from one and {other!r} from the other; start every "
+                                 "server on the same weights and --dtype, or give only those that are")
 
     @property
     def decoding(self) -> str:
@@ -157,20 +183,21 @@ class OpenAIEngine:
                 self._grammar_field = next((f for f in GRAMMAR_FIELDS if self._honours(f)), None)
                 if self._grammar_field is None:
                     log.warning("the server at %s ignores reply grammars (tried %s): constrained decoding is off, "
-                                "replies are written freely and parsed after the fact", self.base_url,
+                                "replies are written freely and parsed after the fact", self.pool.pick(b"").url,
                                 ", ".join(GRAMMAR_FIELDS))
             return self._grammar_field
 
     def _honours(self, field: str) -> bool:
         grammar = f'root ::= "{PROBE}"'
+        server = self.pool.pick(b"")
         try:
-            response = self.client.chat.completions.create(
+            response = server.client.chat.completions.create(
                 model=self.name, messages=[{"role": "user", "content": "Say anything."}], max_tokens=32,
                 temperature=0.0, extra_body={field: {"grammar": grammar} if field == "structured_outputs" else grammar})
         except self.openai.BadRequestError:  # a server that refuses the field outright
             return False
         except self.openai.APIError as exc:
-            raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
+            raise EngineError(f"the server at {server.url} failed a request: {exc}") from None
         return (response.choices[0].message.content or "").strip() == PROBE
 
     def _grammar_body(self, grammar: str) -> dict:
@@ -187,8 +214,25 @@ class OpenAIEngine:
         return [f.result() for f in futures]
 
     def _one(self, request: Request) -> Completion:
-        """One request; a constrained one a field at a time (PhasedReply), continuing the assistant's
-        message (vLLM's `continue_final_message`), so the free text stays within its share."""
+        """One request on the server the pool picks; where that server stops answering it is taken out and
+        the request, all of it, goes to another (an adapter is on every server still in before any
+        request asks for it). A server that lost an adapter (restarted) gets it again."""
+        key, reloaded = prefix_key(request), False
+        while True:
+            with self.pool.lease(key) as server:
+                try:
+                    return self._on(server, request)
+                except Unavailable as exc:
+                    self.pool.take_out(server, exc)
+                except self.openai.NotFoundError as exc:
+                    if request.adapter is None or reloaded:
+                        raise EngineError(f"the server at {server.url} failed a request: {exc}") from None
+                    reloaded = True
+                    self._reload(server, request.adapter)
+
+    def _on(self, server: Server, request: Request) -> Completion:
+        """One request on `server`; a constrained one a field at a time (PhasedReply), continuing the
+        assistant's message (vLLM's `continue_final_message`), so the free text stays within its share."""
         fmt = request.format if request.format is not None and self.constrains else None
         budget = self._budget() if fmt is not None else None
         reply = PhasedReply(request, budget) if budget is not None else None
@@ -214,17 +258,21 @@ class OpenAIEngine:
                           temperature=request.temperature, stop=list(request.stop) or None, seed=seed)
             try:
                 try:
-                    response = self.client.chat.completions.create(
+                    response = server.client.chat.completions.create(
                         **kwargs, extra_body={**extra, **({"return_token_ids": True} if ids else {})} or None)
                 except self.openai.BadRequestError:
                     if not ids:
                         raise
                     self._token_ids = ids = False  # a server that refuses the field: said once, asked no more
                     log.warning("the server at %s does not return token ids: r steps re-tokenize its replies",
-                                self.base_url)
-                    response = self.client.chat.completions.create(**kwargs, extra_body=extra or None)
+                                server.url)
+                    response = server.client.chat.completions.create(**kwargs, extra_body=extra or None)
+            except (self.openai.APIConnectionError, self.openai.APITimeoutError) as exc:
+                raise Unavailable(f"{type(exc).__name__}: {exc.__cause__ or exc}") from None
+            except self.openai.NotFoundError:
+                raise
             except self.openai.APIError as exc:
-                raise EngineError(f"the server at {self.base_url} failed a request: {exc}") from None
+                raise EngineError(f"the server at {server.url} failed a request: {exc}") from None
             choice, usage = response.choices[0], response.usage
             prompt_tokens = prompt_tokens or (getattr(usage, "prompt_tokens", 0) or 0)
             tokens = getattr(usage, "completion_tokens", 0) or 0
@@ -268,77 +316,115 @@ class OpenAIEngine:
 
     # -- adapters ------------------------------------------------------------------------------
 
-    def _post(self, path: str, body: dict):
-        import httpx
+    def check_adapters(self, folder: str | Path, rank: int) -> None:
+        """Refuse, before anything trains, a server that could not load the adapters a step writes under
+        `folder` at `rank`: a test adapter goes to every server the way the step's will and is unloaded
+        again. One line names the server and says what to do; checked once per server, way and rank."""
+        folder = Path(folder).resolve()
+        todo = []
+        for server in self.pool.live():  # the cheap question first: no test adapter (nor weights) needed for it
+            try:
+                if (server.url, self._way(server, folder), rank) in self._checked:
+                    continue
+                runtime = server.has_runtime_lora()
+            except Unavailable as exc:
+                self.pool.take_out(server, exc)
+                continue
+            if not runtime:
+                raise UsageError(f"the server at {server.url} cannot load adapters at runtime: "
+                                 f"{runtime_lora_hint(rank)}")
+            todo.append(server)
+        if not todo:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".tandem-probe-{os.getpid()}"
+        name = "tandem-probe"
+        try:
+            try:
+                probe_adapter(resolve_model(self.weights), probe, rank)
+            except (ModelNotFoundError, OSError) as exc:
+                raise UsageError(f"a weight step on --engine openai trains locally, so --model must name the "
+                                 f"weights the servers run (a folder or hub id): {exc}") from None
+            name = "tandem-probe-" + adapter_digest(str(probe))[:12]
+            for server in [s for s in todo if s.alive]:
+                try:
+                    self._load_on(server, name, probe, rank, what="a test adapter")
+                    server.unload(name, pushed=server.receives())
+                except Unavailable as exc:
+                    self.pool.take_out(server, exc)
+                    continue
+                self._checked.add((server.url, self._way(server, folder), rank))
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+            if self.share:
+                shutil.rmtree(self.share.local / name, ignore_errors=True)
 
-        root = self.base_url.removesuffix("/v1")
-        return httpx.post(f"{root}/v1/{path}", json=body, timeout=120,
-                          headers={"Authorization": f"Bearer {self.client.api_key}"})
-
-    def can_load_adapters(self) -> bool:
-        """Whether the server has vLLM's runtime LoRA endpoint (an empty body is refused, not unknown)."""
-        return self._post("load_lora_adapter", {}).status_code != 404
+    def _way(self, server: Server, folder: Path) -> str:
+        """How adapters reach `server`: sent (`tandem serve`), through the shared folder, or by this path."""
+        return "push" if server.receives() else "share" if self.share else str(folder)
 
     def load_adapter(self, path: str) -> str:
-        """Load the PEFT adapter folder at `path` into the server (once) and return the model name that
+        """Load the PEFT adapter folder at `path` into every server (once) and return the model name that
         addresses it, for clients other than tandem's own (DSPy's, through tandem.integrations.dspy)."""
         return self._served_name(path)
 
     def _served_name(self, path: str | None) -> str:
-        """The model name to ask for: the base model, or the adapter loaded into the server for `path`."""
+        """The model name to ask for: the base model, or the adapter for `path`, loaded first into every
+        server still in that lacks it (a request never runs on a server without its adapter)."""
         if path is None:
             return self.name
         key = adapter_key(path)
-        folder = key[0]
         with self._lock:
-            if key not in self._adapters:
-                name = "tandem-" + hashlib.sha256(repr(key).encode()).hexdigest()[:12]
-                started = time.perf_counter()
-                response = self._post("load_lora_adapter", {"lora_name": name, "lora_path": folder})
-                if response.status_code == 404:
-                    raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
-                if response.status_code >= 400 and "already been loaded" not in response.text:
-                    raise EngineError(f"the server at {self.base_url} did not load adapter {folder}: "
-                                      f"{response.status_code} {response.text[:300]}")
-                log.info("loaded adapter %s into the server at %s as %s (%.1f s)", folder, self.base_url, name,
-                         time.perf_counter() - started)
-                self._adapters[key] = name
-            return self._adapters[key]
+            name = self._adapters.get(key) or "tandem-" + adapter_digest(key[0])[:16]
+            missing = [s for s in self.pool.live() if name not in s.adapters]
+            if missing:
+                with ThreadPoolExecutor(max_workers=len(missing)) as loaders:
+                    done = [loaders.submit(self._load_on, s, name, Path(key[0])) for s in missing]
+                for server, future in zip(missing, done):
+                    try:
+                        future.result()
+                    except Unavailable as exc:
+                        self.pool.take_out(server, exc)
+                if not self.pool.live():
+                    self.pool.pick(b"")  # says which servers stopped answering
+            self._adapters[key] = name
+            return name
 
-    def check_rank(self, rank: int) -> None:
-        """Refuse, before anything trains, a LoRA rank above the server's `--max-lora-rank` (asked once a rank).
+    def _reload(self, server: Server, path: str) -> None:
+        """A server answered that it does not know an adapter it had loaded (it restarted): load it again
+        (once per request: a second refusal stops the step)."""
+        log.warning("the server at %s no longer has adapter %s (restarted?): loading it again", server.url, path)
+        name = self._served_name(path)
+        with self._lock:
+            server.adapters.discard(name)
+            self._load_on(server, name, Path(adapter_key(path)[0]))
 
-        vLLM reads an adapter's adapter_config.json and checks its rank before it reads any weights
-        (`PEFTHelper.validate_legal`, in the worker's LoRA manager), and the OpenAI API shows no limit. So
-        the probe is that file alone, with `r` = rank: vLLM refuses it for its rank, or else for having no
-        weights, and loads nothing either way. A server that answers otherwise (another server; one without
-        runtime LoRA, which `can_load_adapters` finds; one that cannot read the probe's folder, which vLLM
-        answers 404 like a missing route) leaves the rank unchecked here: loading the adapter will say."""
-        if rank in self._ranks:
-            return
-        with tempfile.TemporaryDirectory(prefix="tandem-rank-probe-") as folder:
-            config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["q_proj"], "bias": "none"}
-            (Path(folder) / "adapter_config.json").write_text(json.dumps(config))
-            name = f"tandem-rank-probe-{rank}"
-            response = self._post("load_lora_adapter", {"lora_name": name, "lora_path": folder})
-        limit = re.search(r"greater than max_lora_rank (\d+)", response.text)
-        if limit:
-            raise UsageError(f"the server at {self.base_url} takes LoRA adapters up to rank {limit.group(1)} (its "
-                             f"--max-lora-rank) and this weight step trains rank {rank}: train rank {limit.group(1)} "
-                             f"or less, or start the server with --max-lora-rank {lora_rank_slot(rank)}")
-        if response.status_code < 400:  # a server that loaded a weightless adapter: take it out again
-            self._post("unload_lora_adapter", {"lora_name": name})
-        log.debug("rank probe of the server at %s: %s %s", self.base_url, response.status_code, response.text[:200])
-        self._ranks.add(rank)
+    def _load_on(self, server: Server, name: str, folder: Path, rank: int | None = None,
+                 what: str | None = None) -> None:
+        """Bring the adapter in `folder` to `server` (sent, copied to the shared folder, or by path) and load it."""
+        started = time.perf_counter()
+        if server.receives():
+            way, path = "push", server.push(name, folder)
+        elif self.share:
+            way, path = "share", copy_to_share(folder, self.share, name)
+        else:
+            way, path = "path", str(folder)
+        response = server.load(name, path)
+        if response.status_code >= 400 and "already been loaded" not in response.text:
+            if rank is None:
+                rank = int(json.loads((folder / "adapter_config.json").read_text()).get("r", 0))
+            raise UsageError(refusal(server, response, path, rank, shared=way == "share",
+                                     what=what or f"adapter {folder}"))
+        seconds = time.perf_counter() - started
+        server.adapters.add(name)
+        self.adapter_loads.append({"server": server.url, "way": way, "seconds": seconds})
+        log.info("loaded adapter %s into the server at %s as %s (%s, %.2f s)", folder, server.url, name, way, seconds)
 
     @contextlib.contextmanager
     def training(self, rank: int):
         """Peft on a local copy of the model's own weights (lm/trainer_copy.py: in the dtype and on the device
-        tandem chose, off the GPU between steps); the server then loads the adapter at runtime. A server that
-        cannot load adapters, or not of this rank, is refused first."""
-        if not self.can_load_adapters():
-            raise UsageError(f"the server at {self.base_url} cannot load adapters at runtime: {RUNTIME_LORA_HINT}")
-        self.check_rank(rank)
+        tandem chose, off the GPU between steps); the servers then load the adapter at runtime
+        (`check_adapters`, called by the training functions before this, has found that they can, at this rank)."""
         from transformers import AutoTokenizer
 
         if self._trainer is None:

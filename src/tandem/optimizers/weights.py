@@ -46,7 +46,7 @@ from ..prompts import render_messages, render_reply
 from ..settings import ExtendedWeightSettings, GenerationSettings, WeightSettings
 from ..signatures import InvalidValue
 from ..training.launch import launch
-from ..training.lora import finetune
+from ..training.lora import check_adapters, finetune
 from ..training.reports import TrainReport
 
 log = logging.getLogger(__name__)
@@ -315,9 +315,7 @@ def _launch(launcher: str, lm: LM, out_dir: Path, lora, checkpoint_dir: Path | N
     path = getattr(lm, "path", None)
     if path is None:
         raise UsageError(f"--launcher trains from the model's own folder, and LM '{lm.name}' names none")
-    can_load = getattr(lm, "can_load_adapters", None)
-    if can_load is not None and not can_load():
-        raise UsageError("the server cannot load adapters at runtime, so nothing would serve this step's adapter")
+    check_adapters(lm, out_dir, lora.rank)
     dtype = str(getattr(lm, "dtype", "float32")).removeprefix("torch.")
     return launch(launcher, path, dtype, out_dir / "train.jsonl", out_dir / "adapter", lora, checkpoint_dir)
 

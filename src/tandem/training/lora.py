@@ -316,6 +316,14 @@ def train_lora(
     return report, peft_model
 
 
+def check_adapters(lm: LM, out_dir: str | Path, rank: int) -> None:
+    """Before anything trains: an engine whose servers load adapters at runtime (`--engine openai`) checks
+    that each can load one written under `out_dir` at `rank`, and refuses in one line where one cannot."""
+    check = getattr(lm, "check_adapters", None)
+    if check is not None:
+        check(out_dir, rank)
+
+
 def finetune(lm: LM, conversations: Sequence[Sequence[Message]], out_dir: str | Path, settings: LoraSettings,
              progress: bool = True, checkpoint_dir: str | Path | None = None) -> TrainReport:
     """Train one LoRA adapter on chat examples and save it (PEFT, safetensors) to `out_dir`, and checkpoints
@@ -324,6 +332,7 @@ def finetune(lm: LM, conversations: Sequence[Sequence[Message]], out_dir: str | 
     own = getattr(lm, "finetune", None)
     if own is not None:
         return own(conversations, out_dir, settings, progress=progress, checkpoint_dir=checkpoint_dir)
+    check_adapters(lm, out_dir, settings.rank)
     with lm.training(settings.rank) as trainee:
         report, trainee.model = train_lora(trainee.model, trainee.tokenizer, trainee.render, conversations, out_dir,
                                            settings, progress=progress, checkpoint_dir=checkpoint_dir)

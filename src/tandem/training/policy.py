@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..lm.base import LM, Message, Trainee
 from ..settings import LoraSettings, PolicySettings
-from .lora import attach_adapter, detach_adapter, micro_batch_size, pad_rows, save_adapter, training_autocast
+from .lora import (
+    attach_adapter, check_adapters, detach_adapter, micro_batch_size, pad_rows, save_adapter, training_autocast,
+)
 from .reports import PolicyCall, PolicyReport
 
 log = logging.getLogger(__name__)
@@ -300,6 +302,7 @@ def train_policy(lm: LM, calls: Sequence[PolicyCall], start: str | Path | None, 
     own = getattr(lm, "train_policy", None)
     if own is not None:
         return own(calls, start, out_dir, lora, policy, progress=progress)
+    check_adapters(lm, out_dir, lora.rank)
     with lm.training(lora.rank) as trainee:
         report, trainee.model = policy_update(trainee, calls, start, out_dir, lora, policy, progress=progress)
     return report

@@ -1,0 +1,282 @@
+"""The servers behind `--engine openai`: one or several OpenAI-compatible servers serving the same weights
+(`--base-url` given once per server), and how a trained adapter reaches each of them.
+
+Spreading requests (`Pool`): each request has a preferred server, picked by rendezvous hashing of what
+comes before its last message (instructions and demos) and its adapter, so calls that share a prompt
+prefix meet in one server's prefix cache; where the preferred server has more requests in flight than
+the least busy one by more than `slack`, the least busy one takes it, so one dominant prefix (a program
+without demos) still spreads over every server. A server that stops answering (connection refused or
+reset, timeout, after the client's own retries) is taken out for the rest of the run, in one warning
+line, and its requests go to the others; with none left, the step stops with one line naming them.
+
+Adapters reach a server in one of three ways, chosen per server:
+- push: a server started with `tandem serve` receives the adapter's files (`PUT /v1/tandem/adapters/NAME`,
+  a tar of the folder's files) into a folder of its own;
+- shared: with `--adapter-share LOCAL[=REMOTE]`, tandem copies the adapter to LOCAL/NAME and the server reads
+  REMOTE/NAME (storage both sides mount: NFS, a volume, a bucket mounted with s3fs or gcsfuse);
+- path: the adapter's own folder, for a server on this machine that reads tandem's files.
+Then vLLM's own `POST /v1/load_lora_adapter` loads it from that path. Names are `tandem-<content hash>`.
+
+Whether a server can load tandem's adapters is found before training (`probe_adapter`, `refusal`): a
+one-module adapter of the run's rank, made here from the model's config (no weights read), goes the way
+real ones will and is unloaded again; vLLM's answer tells a server without runtime LoRA, one without
+`--enable-lora`, one that cannot read the path and a rank above its `--max-lora-rank` apart, each in one
+line that names the server and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..errors import EngineError, UsageError
+from .base import Request
+from .vllm import lora_rank_slot
+
+log = logging.getLogger(__name__)
+
+RECEIVE = "v1/tandem"  # `tandem serve`'s routes: under /v1, so vLLM's --api-key guards them too
+SERVE_HINT = "start it with `tandem serve --model WEIGHTS` (runtime LoRA on, adapters sent to it)"
+
+
+class Unavailable(Exception):
+    """A server stopped answering: no connection, a reset one, or a timeout, after the client's retries."""
+
+
+@dataclass(frozen=True)
+class Share:
+    """A folder the servers read too: `local` here, `remote` the same folder as the servers mount it."""
+
+    local: Path
+    remote: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Share":
+        local, _, remote = text.partition("=")
+        if not local:
+            raise UsageError(f"--adapter-share takes LOCAL or LOCAL=SERVER_PATH, got {text!r}")
+        return cls(Path(local).expanduser().resolve(), remote.rstrip("/") or str(Path(local).expanduser().resolve()))
+
+
+class Server:
+    """One OpenAI-compatible server: its client, whether it is still in, what it has loaded."""
+
+    def __init__(self, url: str, openai, *, api_key: str, max_retries: int, timeout: float):
+        self.url = url.rstrip("/")
+        self.root = self.url.removesuffix("/v1")
+        self.openai = openai
+        self.client = openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=max_retries, timeout=timeout)
+        self.alive = True
+        self.inflight = 0
+        self.adapters: set[str] = set()  # names loaded into it
+        self._receives: bool | None = None
+
+    def __repr__(self) -> str:
+        return self.url
+
+    def models(self) -> dict[str, dict]:
+        """The server's model list: each name it serves, adapters included, with what the server says of it
+        (vLLM: `root`, the weights' or the adapter's folder; `parent`, an adapter's base model)."""
+        openai = self.openai
+        try:
+            listed = self.client.models.list().data
+        except openai.APIConnectionError as exc:
+            raise EngineError(f"cannot reach an OpenAI-compatible server at {self.url} ({exc.__cause__ or exc})") \
+                from None
+        except openai.AuthenticationError:
+            raise UsageError(f"the server at {self.url} refused the API key: set OPENAI_API_KEY to its --api-key") \
+                from None
+        except openai.APIStatusError as exc:
+            raise UsageError(f"{self.url} is not an OpenAI-compatible server: GET {self.url}/models answered "
+                             f"{exc.status_code} (give --base-url the server's /v1 address)") from None
+        except (openai.APIError, ValueError, TypeError, AttributeError) as exc:
+            raise UsageError(f"{self.url} is not an OpenAI-compatible server: GET {self.url}/models did not list "
+                             f"models ({type(exc).__name__}; give --base-url the server's /v1 address)") from None
+        if not isinstance(listed, list) or not all(isinstance(getattr(m, "id", None), str) for m in listed):
+            raise UsageError(f"{self.url} is not an OpenAI-compatible server: GET {self.url}/models did not list "
+                             "models (give --base-url the server's /v1 address)")
+        return {m.id: dict(m.model_extra or {}) for m in listed}
+
+    def http(self, method: str, path: str, **kwargs):
+        """A request to the server outside the OpenAI API (adapters); Unavailable where it does not answer."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.client.api_key}", **kwargs.pop("headers", {})}
+        try:
+            return httpx.request(method, f"{self.root}/{path}", timeout=300, headers=headers, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"{type(exc).__name__}: {exc}") from None
+
+    def has_runtime_lora(self) -> bool:
+        """Whether vLLM's runtime LoRA route is there (an empty body is refused, an absent route is 404)."""
+        return self.http("POST", "v1/load_lora_adapter", json={}).status_code != 404
+
+    def receives(self) -> bool:
+        """Whether the server takes an adapter's files (`tandem serve`); asked once."""
+        if self._receives is None:
+            response = self.http("GET", f"{RECEIVE}/info")
+            self._receives = response.status_code == 200 and "adapter_dir" in _json(response)
+        return self._receives
+
+    def push(self, name: str, folder: Path) -> str:
+        """Send the adapter's files; returns the folder the server keeps them in."""
+        response = self.http("PUT", f"{RECEIVE}/adapters/{name}", content=adapter_tar(folder),
+                             headers={"Content-Type": "application/x-tar"})
+        if response.status_code != 200:
+            raise EngineError(f"the server at {self.url} did not take adapter {folder}: {response.status_code} "
+                              f"{response.text[:300]}")
+        return _json(response)["path"]
+
+    def load(self, name: str, path: str):
+        return self.http("POST", "v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+
+    def unload(self, name: str, pushed: bool) -> None:
+        self.http("POST", "v1/unload_lora_adapter", json={"lora_name": name})
+        if pushed:
+            self.http("DELETE", f"{RECEIVE}/adapters/{name}")
+        self.adapters.discard(name)
+
+
+def _json(response) -> dict:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def adapter_tar(folder: Path) -> bytes:
+    """The adapter's files (not its subfolders: checkpoints, optimizer state) as an uncompressed tar."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for f in sorted(Path(folder).iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                tar.add(f, arcname=f.name)
+    return buffer.getvalue()
+
+
+def copy_to_share(folder: Path, share: Share, name: str) -> str:
+    """The adapter copied to the shared folder (once: the name is its content hash); the servers' path to it."""
+    target = share.local / name
+    if not target.is_dir():
+        share.local.mkdir(parents=True, exist_ok=True)
+        tmp = share.local / f".{name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in Path(folder).iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        try:
+            tmp.rename(target)
+        except OSError:  # another run put the same adapter there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return f"{share.remote}/{name}"
+
+
+def refusal(server: Server, response, where: str, rank: int, shared: bool = False, what: str = "a test adapter") -> str:
+    """One line for a server's refusal to load an adapter: why, and what to do."""
+    text = response.text[:400]
+    if shared and "No adapter found" in text:
+        return (f"the server at {server.url} cannot read {where} (--adapter-share): mount the shared folder there on "
+                f"the server, or give --adapter-share LOCAL=SERVER_PATH with the path it has on the server")
+    if response.status_code == 404 and "No adapter found" not in text:
+        return f"the server at {server.url} cannot load adapters at runtime: {runtime_lora_hint(rank)}"
+    if "No adapter found" in text:
+        return (f"the server at {server.url} cannot read {where}, where tandem writes adapters (another host or a "
+                f"container): {SERVE_HINT}, or give --adapter-share a folder it reads too")
+    if "LoRA is not enabled" in text:
+        return f"the server at {server.url} runs without --enable-lora: {runtime_lora_hint(rank)}"
+    limit = re.search(r"max_lora_rank (\d+)", text)
+    if limit:
+        limit = limit.group(1)
+        return (f"the server at {server.url} takes LoRA ranks up to {limit} (its --max-lora-rank) and this run "
+                f"trains rank {rank}: restart it with --max-lora-rank {lora_rank_slot(rank)}, or train with "
+                f"--rank {limit}")
+    return f"the server at {server.url} did not load {what}: {response.status_code} {text}"
+
+
+def runtime_lora_hint(rank: int) -> str:
+    return (f"start vLLM's server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora --max-lora-rank "
+            f"{lora_rank_slot(rank)} (`tandem serve --model WEIGHTS` does both), or leave it out")
+
+
+def probe_adapter(weights: str, folder: Path, rank: int) -> Path:
+    """A LoRA adapter of `rank` on the first linear layer of the model's first block, zeros: vLLM reads its
+    config (the rank check) and loads it as it would a trained one. Built from the config alone (meta
+    tensors), so it costs nothing like loading the model."""
+    import torch  # the training extra, present wherever weight steps run
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(weights)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    name, layer = next((n, m) for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and any(part.isdigit() for part in n.split(".")))
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = f"base_model.model.{name}"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(rank, layer.in_features),
+               f"{prefix}.lora_B.weight": torch.zeros(layer.out_features, rank)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": [name.rsplit(".", 1)[-1]], "bias": "none", "base_model_name_or_path": str(weights)}))
+    return folder
+
+
+def prefix_key(request: Request) -> bytes:
+    """What a server's prefix cache can share between requests: everything before the last message, and
+    the adapter (a cached prefix is per adapter)."""
+    return hashlib.sha256(repr((request.messages[:-1], request.adapter)).encode()).digest()
+
+
+class Pool:
+    """The servers still in, and which one takes a request (see the module's docstring)."""
+
+    def __init__(self, servers: Sequence[Server], slack: int):
+        self.servers = list(servers)
+        self.slack = slack
+        self._lock = threading.Lock()
+
+    def live(self) -> list[Server]:
+        return [s for s in self.servers if s.alive]
+
+    def pick(self, key: bytes) -> Server:
+        live = self.live()
+        if not live:
+            raise EngineError(f"every server stopped answering ({', '.join(s.url for s in self.servers)}): "
+                              "restart them and rerun to resume")
+        preferred = max(live, key=lambda s: hashlib.sha256(key + s.url.encode()).digest())
+        least = min(live, key=lambda s: s.inflight)
+        return preferred if preferred.inflight <= least.inflight + self.slack else least
+
+    @contextlib.contextmanager
+    def lease(self, key: bytes) -> Iterator[Server]:
+        with self._lock:
+            server = self.pick(key)
+            server.inflight += 1
+        try:
+            yield server
+        finally:
+            with self._lock:
+                server.inflight -= 1
+
+    def take_out(self, server: Server, why: object) -> None:
+        with self._lock:
+            if not server.alive:
+                return
+            server.alive = False
+            rest = self.live()
+        log.warning("the server at %s stopped answering (%s): taken out of this run; %s", server.url, why,
+                    f"its requests go to {', '.join(s.url for s in rest)}" if rest else "no server is left")
