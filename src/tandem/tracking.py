@@ -430,7 +430,8 @@ class MlflowTracker(Tracker):
             return
         import mlflow  # the optional `mlflow` extra
 
-        self.session.guard("writing traces", mlflow.flush_trace_async_logging)
+        if self.parent is None:  # MLflow writes traces in the background: wait for them once, at the command's end
+            self.session.guard("writing traces", mlflow.flush_trace_async_logging)
         self._call("closing the run", lambda run_id: self.session.client.set_terminated(run_id, status))
         if status == "FINISHED" and self.session.on:
             self.session.remember(self.key, self._run_id, True)
