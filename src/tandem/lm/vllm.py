@@ -277,9 +277,26 @@ class VLLMEngine:
         # The reply's token ids as sampled, with the labels tandem writes between phases (`written`), which
         # each phase continues from; None once a phase's text was cut (a half-written label dropped), after
         # which the reply's text is re-tokenized instead and the completion carries no ids.
-        ids: list[list[int] | None] = [list(self.budget.tokens(r.text)) if r.text else [] for r in replies]
-        written = [list(range(len(i or ()))) for i in ids]
+        ids: list[list[int] | None] = [[] for _ in replies]
+        written: list[list[int]] = [[] for _ in replies]
+        spelled = [""] * len(replies)  # the reply text ids[i] spells
+
+        def written_by_tandem(i: int) -> None:
+            """The text PhasedReply added itself since the ids were last brought up to date (the first label, a
+            break after a free field cut at its share): its tokens, marked as written."""
+            if ids[i] is None:
+                return
+            if not replies[i].text.startswith(spelled[i]):
+                ids[i] = None  # part of a phase's text was dropped: the ids no longer spell the reply
+                return
+            label = self.budget.tokens(replies[i].text[len(spelled[i]):]) if len(replies[i].text) > len(spelled[i]) else ()
+            written[i] += range(len(ids[i]), len(ids[i]) + len(label))
+            ids[i] += label
+            spelled[i] = replies[i].text
+
         pending = [i for i, reply in enumerate(replies) if reply.next_phase()]
+        for i in range(len(replies)):
+            written_by_tandem(i)
         while pending:
             inputs = [{"prompt_token_ids": prompts[i] + (ids[i] if ids[i] is not None else self.tokenizer(
                 replies[i].text, add_special_tokens=False)["input_ids"] if replies[i].text else [])} for i in pending]
@@ -292,19 +309,13 @@ class VLLMEngine:
                 got = list(o.token_ids)
                 # The end-of-sequence token that closes a phase is not part of the reply's token count.
                 ended = bool(got and got[-1] in self._eos)
-                before = replies[i].text + o.text
                 replies[i].take(o.text, len(got) - ended, o.finish_reason)
-                if ids[i] is None:
-                    continue
-                if not replies[i].text.startswith(before):
-                    ids[i] = None  # part of the phase's text was dropped: its ids no longer spell the reply
-                    continue
-                ids[i] += got[:-1] if ended and not replies[i].done else got  # a last phase keeps its end token
-                label = replies[i].text[len(before):]  # the break tandem appended to a cut free field
-                if label:
-                    written[i] += range(len(ids[i]), len(ids[i]) + len(self.budget.tokens(label)))
-                    ids[i] += self.budget.tokens(label)
+                if ids[i] is not None:
+                    ids[i] += got[:-1] if ended and not replies[i].done else got  # a last phase keeps its end token
+                    spelled[i] += o.text
             pending = [i for i in pending if replies[i].next_phase()]
+            for i in range(len(replies)):
+                written_by_tandem(i)
         completions = []
         for prompt, reply, sampled, wrote in zip(prompts, replies, ids, written):
             text = reply.text
