@@ -127,7 +127,8 @@ def test_p_w_against_two_servers_one_of_which_reads_no_file_of_tandems(pair, tin
                  "--train-size", "4", "--val-size", "3", "--test-size", "3", "--max-new-tokens", "40", "--threads", "4",
                  "--num-candidates", "1", "--rank", "4", "--alpha", "8", "--epochs", "1", "--min-steps", "4",
                  "--learning-rate", "0.05",
-                 "--weights-metric-threshold", "0", env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
+                 "--weights-metric-threshold", "0", "--keep-checkpoint", "last",  # the adapter, whatever val says
+                 env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["lm"]["base_url"] == [pair.apart, pair.near]
     adapter = (run_dir / "p-w" / json.loads((run_dir / "p-w" / "program.json").read_text())["adapter"]).resolve()
@@ -226,7 +227,10 @@ def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
 
     both._on = on
     result = evaluate(program, both, examples, task.metric, generation, progress=False)
-    assert not near.alive and answered.count(pair.near) == 2 and answered.count(pair.apart) > 0
+    # near answered at most the two requests before its third (one still in flight when it died is lost,
+    # and goes whole to apart like the third)
+    assert not near.alive and 0 < calls.count(pair.near) and answered.count(pair.near) <= 2
+    assert answered.count(pair.apart) > 0
     assert [r.score for r in result.results] == [r.score for r in alone.results]
     assert [r.prediction for r in result.results] == [r.prediction for r in alone.results]
 
