@@ -8,29 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tandem import ChainOfThought, Example, Program, ScriptedLM
+from test_policy import SPECIES, Classify, flowers, metric  # the same flowers program as the r step's tests
+
+from tandem import ScriptedLM
 from tandem.optimizers import OptimizeSettings, WeightSettings, better_together, bootstrap_finetune
 from tandem.settings import LoraSettings, resolve_budget
 from tandem.training.lora import checkpoint_steps
-
-SPECIES = ("setosa", "versicolor", "virginica")
-
-
-class Classify(Program):
-    def __init__(self):
-        self.classify = ChainOfThought(f"flower -> species: {'|'.join(SPECIES)}")
-
-    def forward(self, run, flower):
-        return self.classify(run, flower=flower)
-
-
-def metric(example, prediction):
-    return float(prediction.species == example.species)
-
-
-def flowers(split, n):
-    return [Example(flower=f"{split} flower {i}", species=SPECIES[i % 3], inputs=("flower",)) for i in range(n)]
-
 
 def step_of(adapter):
     """The optimizer step a scripted adapter folder was written at (checkpoints/step-0002 -> 2; the last
