@@ -213,10 +213,10 @@ def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
     answered, calls, original, lock = [], [], both._on, threading.Lock()
 
     def on(server, request):  # `near` dies as its third request comes in, after answering two
-        if not answered:  # before the first request: the adapter is on both servers, as they list it
-            name = both._served_name(request.adapter)
-            assert name in adapters(pair.apart) and name in adapters(pair.near)
         with lock:
+            if not calls:  # the first request: its adapter is on both servers already, as they list it
+                name = both._served_name(request.adapter)
+                assert name in adapters(pair.apart) and name in adapters(pair.near)
             calls.append(server.url)
             if server.url == pair.near and calls.count(pair.near) == 3:  # the node dies: no goodbye
                 os.killpg(pair.processes[1].pid, signal.SIGKILL)
