@@ -215,8 +215,8 @@ def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
 
     def on(server, request):  # `near` dies as its third request comes in, after answering two
         with lock:
-            if not calls:  # before the first request (once: later ones may come after near died): the adapter
-                name = both._served_name(request.adapter)  # is on both servers, as they list it
+            if not calls:  # the first request: its adapter is on both servers already, as they list it
+                name = both._served_name(request.adapter)
                 assert name in adapters(pair.apart) and name in adapters(pair.near)
             calls.append(server.url)
             if server.url == pair.near and calls.count(pair.near) == 3:  # the node dies: no goodbye
