@@ -126,7 +126,7 @@ def test_p_w_against_two_servers_one_of_which_reads_no_file_of_tandems(pair, tin
                  pair.apart, "--base-url", pair.near, "--strategy", "p -> w", "--run-dir", str(run_dir),
                  "--train-size", "4", "--val-size", "3", "--test-size", "3", "--max-new-tokens", "40", "--threads", "4",
                  "--num-candidates", "1", "--rank", "4", "--alpha", "8", "--epochs", "1", "--min-steps", "4",
-                 "--learning-rate", "0.05",
+                 "--learning-rate", "0.05", "--keep-checkpoint", "last",
                  "--weights-metric-threshold", "0", env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["lm"]["base_url"] == [pair.apart, pair.near]
