@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--max-lora-rank unless given (default: 16, tandem's)")
     p.add_argument("--adapter-dir", help="where adapters sent to this server are kept (default: a new temporary "
                    "folder)")
+    p.add_argument("--max-adapter-mb", type=int, help="the largest adapter upload it takes, in MiB; larger ones "
+                   "are answered 413 (default: 2048; a rank-64 LoRA on every linear layer of a 7B model is ~650 MB "
+                   "in fp32)")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -452,7 +455,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve  # vLLM (an extra)
 
     _check_positive(args, "rank")
-    return serve(args.model, args.rank, args.adapter_dir, args.extra)
+    _check_positive(args, "max_adapter_mb")
+    return serve(args.model, args.rank, args.adapter_dir, args.extra, args.max_adapter_mb)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
