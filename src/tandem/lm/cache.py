@@ -17,8 +17,15 @@ from typing import Sequence
 from .base import LM, Completion, Request, Usage, check_results
 
 
+# What tandem writes beside an adapter about its training (losses, wall-clock seconds): the same adapter
+# trained twice differs here, and no server reads it.
+RECORDS = frozenset({"training.json"})
+
+
 def adapter_digest(path: str | None) -> str | None:
-    """Content hash of an adapter folder (its config and weight files)."""
+    """Content hash of an adapter folder: every file in it (config, weights in any format, tokenizer files),
+    but RECORDS and dot-files, which are no part of the adapter; subfolders (checkpoints) neither. Two folders
+    a server would load alike have one digest, whatever their training took."""
     if path is None:
         return None
     folder = Path(path)
@@ -26,10 +33,26 @@ def adapter_digest(path: str | None) -> str | None:
         raise FileNotFoundError(f"adapter folder not found: {folder}")
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
-        if f.suffix in {".json", ".safetensors"}:
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+        if f.name == "adapter_config.json":
+            h.update(f.name.encode() + b"\0" + _config_bytes(f) + b"\0")
+        elif f.is_file() and f.name not in RECORDS and not f.name.startswith("."):
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            with open(f, "rb") as data:
+                for block in iter(lambda: data.read(2**20), b""):
+                    h.update(block)
     return h.hexdigest()
+
+
+def _config_bytes(path: Path) -> bytes:
+    """A PEFT config as the same bytes wherever it means the same: `target_modules` is a set to PEFT, written in
+    the order of a Python set, which differs from one training to the next."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON: a server will refuse it; hashed as it is
+        return path.read_bytes()
+    if isinstance(config, dict) and isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return json.dumps(config, sort_keys=True).encode()
 
 
 class CachedLM:
