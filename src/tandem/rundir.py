@@ -19,6 +19,9 @@ IGNORED = ("versions",)  # recorded, never compared: a library upgrade does not 
 # Recorded by the strategies that use it (the reflection LM: g steps), compared only where both the folder
 # and the new run have it, and kept once recorded: a strategy without g steps neither sets nor checks it.
 OPTIONAL = ("reflection_lm",)
+# Recorded, never compared: which servers answered. A run resumes on any servers that serve its weights (the
+# engine checks them as at the start), and its LM cache is keyed by the weights, not the servers.
+SERVERS = ("lm.base_url", "reflection_lm.base_url")
 
 
 def versions() -> dict[str, str]:
@@ -62,7 +65,7 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     a, b = _flat(old), _flat(new)
     absent = tuple(k for k in OPTIONAL if k not in old or k not in new)
-    skip = lambda k: k.split(".")[0] in FREE + IGNORED + absent  # noqa: E731
+    skip = lambda k: k.split(".")[0] in FREE + IGNORED + absent or k in SERVERS  # noqa: E731
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
 
 
