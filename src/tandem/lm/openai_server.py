@@ -37,8 +37,10 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -50,8 +52,8 @@ from .base import (
 from .cache import adapter_digest
 from .constrained import Budget, PhasedReply
 from .models import ModelNotFoundError, resolve_model
-from .servers import Pool, Server, Share, Unavailable, copy_to_share, prefix_key, probe_adapter, refusal, \
-    runtime_lora_hint
+from .servers import STRIKES, Pool, Server, Share, Unavailable, copy_to_share, prefix_key, probe_adapter, \
+    refusal, runtime_lora_hint
 from .trainer_copy import TrainerCopy
 
 log = logging.getLogger(__name__)
@@ -115,14 +117,17 @@ class OpenAIEngine:
         for server in self.servers:
             check_served(server.models(), self.name, model, server.url)
         if len(self.servers) > 1:
-            self._check_same_weights()
+            self._check_same_weights(self.servers)
         self.dtype_setting, self.device_setting = dtype, device  # for the trainer copy (lm/trainer_copy.py)
-        self.fingerprint = "|".join(s.url for s in self.servers) + f"|{model}"
+        # The cache's key for replies: the weights, not the servers (checked above to serve the same ones), so
+        # a run resumed on other servers finds its replies.
+        self.fingerprint = f"openai|{self.name}|{model}"
         self.usage = Usage()
         self.concurrency = concurrency
         self.share = Share.parse(adapter_share) if adapter_share else None
-        self.pool = Pool(self.servers, slack=max(2, concurrency // (4 * len(self.servers))))
+        self.pool = Pool(self.servers, slack=max(2, concurrency // (4 * len(self.servers))), back=self._answers)
         self.adapter_loads: list[dict] = []  # server, way, seconds of each adapter load (bench/servers.py)
+        self.retries = 0  # requests sent again after a server did not answer them (bench/servers.py)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tandem-openai")
         self._adapters: dict[tuple[str, float], str] = {}
         self._checked: set[tuple[str, str, int]] = set()
@@ -145,10 +150,11 @@ class OpenAIEngine:
         """The first server's model list (`Server.models`)."""
         return self.servers[0].models()
 
-    def _check_same_weights(self) -> None:
-        """Several servers must serve the same weights: one greedy request, the same reply from each."""
+    def _check_same_weights(self, servers: Sequence[Server]) -> None:
+        """Several servers must serve the same weights: one greedy request of 8 tokens, the same reply from each.
+        This tells apart other weights or a dtype that changes those 8 tokens, not every difference."""
         replies = {}
-        for server in self.servers:
+        for server in servers:
             try:
                 response = server.client.chat.completions.create(
                     model=self.name, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=8,
@@ -204,7 +210,16 @@ class OpenAIEngine:
         field = self._grammar()
         return {field: {"grammar": grammar} if field == "structured_outputs" else grammar}
 
+    def _answers(self, server: Server) -> None:
+        """A server taken out may come back once it answers as at the start: it serves the model, and the same
+        greedy reply as a server still in (raises where not)."""
+        check_served(server.models(), self.name, self.weights, server.url)
+        live = self.pool.live()
+        if live:
+            self._check_same_weights([live[0], server])
+
     def close(self) -> None:
+        self.pool.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the LM protocol ---------------------------------------------------------------------
@@ -214,21 +229,35 @@ class OpenAIEngine:
         return [f.result() for f in futures]
 
     def _one(self, request: Request) -> Completion:
-        """One request on the server the pool picks; where that server stops answering it is taken out and
-        the request, all of it, goes to another (an adapter is on every server still in before any
-        request asks for it). A server that lost an adapter (restarted) gets it again."""
-        key, reloaded = prefix_key(request), False
+        """One request on the server the pool picks. Where that server does not answer, the request, all of it,
+        is sent again, to the server the pool picks then: the same one after a timeout, another once it is
+        taken out (`Pool.failed`; an adapter is on every server still in before any request asks for it).
+        A server that lost an adapter (restarted) gets it again. A request unanswered STRIKES times stops the step."""
+        key, reloaded, unanswered = prefix_key(request), set(), 0
         while True:
             with self.pool.lease(key) as server:
                 try:
-                    return self._on(server, request)
+                    completion = self._on(server, request)
+                    self.pool.answered(server)
+                    return completion
                 except Unavailable as exc:
-                    self.pool.take_out(server, exc)
+                    failure = exc
                 except self.openai.NotFoundError as exc:
-                    if request.adapter is None or reloaded:
+                    if request.adapter is None or server.url in reloaded:
                         raise EngineError(f"the server at {server.url} failed a request: {exc}") from None
-                    reloaded = True
-                    self._reload(server, request.adapter)
+                    reloaded.add(server.url)
+                    try:
+                        self._reload(server, request.adapter)
+                        continue
+                    except Unavailable as exc:
+                        failure = exc
+                self.pool.failed(server, failure)
+                unanswered += 1
+                with self._lock:
+                    self.retries += 1
+                if unanswered >= STRIKES:
+                    raise EngineError(f"a request went unanswered {unanswered} times, the last time by the server at "
+                                      f"{server.url} ({failure})") from None
 
     def _on(self, server: Server, request: Request) -> Completion:
         """One request on `server`; a constrained one a field at a time (PhasedReply), continuing the
@@ -267,8 +296,8 @@ class OpenAIEngine:
                     log.warning("the server at %s does not return token ids: r steps re-tokenize its replies",
                                 server.url)
                     response = server.client.chat.completions.create(**kwargs, extra_body=extra or None)
-            except (self.openai.APIConnectionError, self.openai.APITimeoutError) as exc:
-                raise Unavailable(f"{type(exc).__name__}: {exc.__cause__ or exc}") from None
+            except self.openai.APIConnectionError as exc:  # a timeout too (APITimeoutError)
+                raise Unavailable.of(exc) from None
             except self.openai.NotFoundError:
                 raise
             except self.openai.APIError as exc:
@@ -337,15 +366,16 @@ class OpenAIEngine:
         if not todo:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".tandem-probe-{os.getpid()}"
-        name = "tandem-probe"
+        # A name and a folder of this check's own: clients that check one server at once (a DSPy job beside
+        # `tandem optimize`) must not load, unload or remove each other's probe.
+        probe = Path(tempfile.mkdtemp(prefix=f".tandem-probe-{os.getpid()}-", dir=folder))
+        name = f"tandem-probe-{uuid.uuid4().hex[:16]}"
         try:
             try:
                 probe_adapter(resolve_model(self.weights), probe, rank)
             except (ModelNotFoundError, OSError) as exc:
                 raise UsageError(f"a weight step on --engine openai trains locally, so --model must name the "
                                  f"weights the servers run (a folder or hub id): {exc}") from None
-            name = "tandem-probe-" + adapter_digest(str(probe))[:12]
             for server in [s for s in todo if s.alive]:
                 try:
                     self._load_on(server, name, probe, rank, what="a test adapter")
@@ -377,6 +407,10 @@ class OpenAIEngine:
         with self._lock:
             name = self._adapters.get(key) or "tandem-" + adapter_digest(key[0])[:16]
             missing = [s for s in self.pool.live() if name not in s.adapters]
+            if missing and self.share:
+                with contextlib.suppress(Unavailable):  # a server that does not answer is found by its load below
+                    if not all(s.receives() for s in missing):
+                        copy_to_share(Path(key[0]), self.share, name)  # once, before the servers read it at once
             if missing:
                 with ThreadPoolExecutor(max_workers=len(missing)) as loaders:
                     done = [loaders.submit(self._load_on, s, name, Path(key[0])) for s in missing]
@@ -392,7 +426,8 @@ class OpenAIEngine:
 
     def _reload(self, server: Server, path: str) -> None:
         """A server answered that it does not know an adapter it had loaded (it restarted): load it again
-        (once per request: a second refusal stops the step)."""
+        (once per request and server: a second refusal stops the step). Unavailable where the server does not
+        answer meanwhile: the request then fails over as any other (`_one`)."""
         log.warning("the server at %s no longer has adapter %s (restarted?): loading it again", server.url, path)
         name = self._served_name(path)
         with self._lock:

@@ -31,14 +31,14 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import tarfile
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import EngineError, UsageError
 from .base import Request
@@ -50,8 +50,26 @@ RECEIVE = "v1/tandem"  # `tandem serve`'s routes: under /v1, so vLLM's --api-key
 SERVE_HINT = "start it with `tandem serve --model WEIGHTS` (runtime LoRA on, adapters sent to it)"
 
 
+STRIKES = 3  # failures in a row on a server, with no answer from it between, that take it out
+
+
 class Unavailable(Exception):
-    """A server stopped answering: no connection, a reset one, or a timeout, after the client's retries."""
+    """A server did not answer, after the client's own retries: `refused` where it took no connection (nothing
+    listens there: the process or the node is gone), else a timeout or a dropped connection."""
+
+    def __init__(self, why: str, refused: bool):
+        super().__init__(why)
+        self.refused = refused
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Unavailable":
+        """From an HTTP client's error: httpx's, or the openai client's around its own HTTP library's (httpx,
+        httpx2 since openai 3), hence the chain is searched for the socket's error rather than a class."""
+        chain, refused = exc, False
+        while chain is not None and not refused:
+            refused = isinstance(chain, ConnectionRefusedError)
+            chain = chain.__cause__ or chain.__context__
+        return cls(f"{type(exc).__name__}: {exc.__cause__ or exc}", refused=refused)
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,7 @@ class Server:
         self.client = openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=max_retries, timeout=timeout)
         self.alive = True
         self.inflight = 0
+        self.failures = 0  # requests in a row it did not answer (STRIKES take it out)
         self.adapters: set[str] = set()  # names loaded into it
         self._receives: bool | None = None
 
@@ -116,7 +135,7 @@ class Server:
         try:
             return httpx.request(method, f"{self.root}/{path}", timeout=300, headers=headers, **kwargs)
         except httpx.TransportError as exc:
-            raise Unavailable(f"{type(exc).__name__}: {exc}") from None
+            raise Unavailable.of(exc) from None
 
     def has_runtime_lora(self) -> bool:
         """Whether vLLM's runtime LoRA route is there (an empty body is refused, an absent route is 404)."""
@@ -167,19 +186,22 @@ def adapter_tar(folder: Path) -> bytes:
 
 
 def copy_to_share(folder: Path, share: Share, name: str) -> str:
-    """The adapter copied to the shared folder (once: the name is its content hash); the servers' path to it."""
+    """The adapter copied to the shared folder (once: the name is its content hash); the servers' path to it.
+    Each copy is made in a folder of its own and renamed into place whole, so copies made at once (one per
+    server, or another run's) never meet, and a server never reads half an adapter."""
     target = share.local / name
     if not target.is_dir():
         share.local.mkdir(parents=True, exist_ok=True)
-        tmp = share.local / f".{name}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for f in Path(folder).iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                shutil.copy2(f, tmp / f.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=share.local))
         try:
+            for f in Path(folder).iterdir():
+                if f.is_file() and not f.name.startswith("."):
+                    shutil.copy2(f, tmp / f.name)
             tmp.rename(target)
-        except OSError:  # another run put the same adapter there first
+        except OSError:
+            if not target.is_dir():  # not another copy that came first: a real failure
+                raise
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return f"{share.remote}/{name}"
 
@@ -242,12 +264,19 @@ def prefix_key(request: Request) -> bytes:
 
 
 class Pool:
-    """The servers still in, and which one takes a request (see the module's docstring)."""
+    """The servers still in, and which one takes a request (see the module's docstring). A server taken out is
+    asked every `recheck` seconds whether it answers again (`back(server)` returns, where it raises the server
+    stays out) and, once it does, is put back without the adapters it had: each is loaded into it again
+    before a request that needs it goes anywhere."""
 
-    def __init__(self, servers: Sequence[Server], slack: int):
+    def __init__(self, servers: Sequence[Server], slack: int, back: Callable[[Server], None] | None = None,
+                 recheck: float = 5.0):
         self.servers = list(servers)
         self.slack = slack
+        self.recheck = recheck
+        self._back = back
         self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     def live(self) -> list[Server]:
         return [s for s in self.servers if s.alive]
@@ -272,11 +301,51 @@ class Pool:
             with self._lock:
                 server.inflight -= 1
 
+    def answered(self, server: Server) -> None:
+        server.failures = 0
+
+    def failed(self, server: Server, exc: Unavailable) -> None:
+        """`server` did not answer a request: taken out where it refused the connection or has now failed
+        STRIKES times in a row; else it stays in (a slow answer, a long reply) and the request is retried."""
+        with self._lock:
+            server.failures += 1
+            strikes = server.failures
+        if exc.refused or strikes >= STRIKES:
+            self.take_out(server, exc if exc.refused else f"{strikes} requests in a row unanswered, the last: {exc}")
+        else:
+            log.info("the server at %s did not answer (%s): the request is sent again", server.url, exc)
+
     def take_out(self, server: Server, why: object) -> None:
         with self._lock:
             if not server.alive:
                 return
             server.alive = False
             rest = self.live()
-        log.warning("the server at %s stopped answering (%s): taken out of this run; %s", server.url, why,
+        log.warning("the server at %s stopped answering (%s): taken out%s; %s", server.url, why,
+                    " until it answers again" if self._back else " of this run",
                     f"its requests go to {', '.join(s.url for s in rest)}" if rest else "no server is left")
+        if self._back is not None:
+            threading.Thread(target=self._watch, args=(server,), daemon=True, name="tandem-recheck").start()
+
+    def _watch(self, server: Server) -> None:
+        said = None
+        while not self._closed.wait(self.recheck):
+            try:
+                self._back(server)
+            except (Unavailable, EngineError):  # not answering yet
+                continue
+            except UsageError as exc:  # answering, but not as a server of this run: said once
+                if str(exc) != said:
+                    log.warning("the server at %s answers again but stays out: %s", server.url, exc)
+                    said = str(exc)
+                continue
+            with self._lock:
+                server.adapters.clear()  # it may have restarted without them
+                server.failures = 0
+                server.alive = True
+            log.warning("the server at %s answers again: back in", server.url)
+            return
+
+    def close(self) -> None:
+        """No more rechecks."""
+        self._closed.set()
