@@ -100,7 +100,8 @@ class TandemProvider(Provider):
     """DSPy's fine-tuning provider for a model behind a vLLM server that loads adapters at runtime.
 
     `base_url`: the server, the `api_base` of the LM it tunes; or a list of servers serving the same weights,
-    each of which gets every adapter (the LM's `api_base` is one of them, or a router in front of them). `out_dir`: where job folders go. `lora`:
+    each of which gets every adapter. The LM's `api_base` must be one of them (refused otherwise: a router in
+    front of them would pass an adapter load to one replica only). `out_dir`: where job folders go. `lora`:
     the LoRA settings jobs start from (DSPy's train_kwargs override them per job). `served_model_name`:
     the server's name for the base model (default: the one base model it lists). `device`: where
     training runs: cpu, cuda, cuda:1, or auto: the first CUDA GPU where the copy of the weights fits in
@@ -160,6 +161,7 @@ class TandemProvider(Provider):
         self._check_same_server(lm)
 
     def _check_same_server(self, lm) -> None:
+        """Refuse an LM whose `api_base` is none of the servers the adapters are loaded into."""
         url = lm.kwargs.get("api_base") or lm.kwargs.get("base_url")
         if url and url.rstrip("/") not in self.base_urls:
             raise UsageError(f"the LM {lm.model} calls {url}, but TandemProvider loads adapters into "

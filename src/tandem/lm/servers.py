@@ -5,21 +5,28 @@ Spreading requests (`Pool`): each request has a preferred server, picked by rend
 comes before its last message (instructions and demos) and its adapter, so calls that share a prompt
 prefix meet in one server's prefix cache; where the preferred server has more requests in flight than
 the least busy one by more than `slack`, the least busy one takes it, so one dominant prefix (a program
-without demos) still spreads over every server. A server that stops answering (connection refused or
-reset, timeout, after the client's own retries) is taken out for the rest of the run, in one warning
-line, and its requests go to the others; with none left, the step stops with one line naming them.
+without demos) still spreads over every server.
+
+A request a server does not answer (after the client's own retries) is sent again. A server that refuses
+the connection (nothing listens: the process is gone) is taken out at once, one that leaves STRIKES
+requests in a row unanswered (timeouts, dropped connections, no answer between) then; one slow answer
+does not. A server taken out is asked every few seconds whether it answers again as at the start (the
+model, the same greedy reply), and put back, its adapters loaded again before requests need them. Each
+change is one warning line; with no server left, the step stops with one line naming them.
 
 Adapters reach a server in one of three ways, chosen per server:
 - push: a server started with `tandem serve` receives the adapter's files (`PUT /v1/tandem/adapters/NAME`,
   a tar of the folder's files) into a folder of its own;
-- shared: with `--adapter-share LOCAL[=REMOTE]`, tandem copies the adapter to LOCAL/NAME and the server reads
-  REMOTE/NAME (storage both sides mount: NFS, a volume, a bucket mounted with s3fs or gcsfuse);
+- shared: with `--adapter-share LOCAL[=REMOTE]`, tandem copies the adapter to LOCAL/NAME (once, renamed into
+  place whole: no server reads half a copy) and the server reads REMOTE/NAME (storage both sides mount: NFS, a
+  volume, a bucket mounted with s3fs or gcsfuse);
 - path: the adapter's own folder, for a server on this machine that reads tandem's files.
-Then vLLM's own `POST /v1/load_lora_adapter` loads it from that path. Names are `tandem-<content hash>`.
+Then vLLM's own `POST /v1/load_lora_adapter` loads it from that path. Names are `tandem-<content hash>`
+(`cache.adapter_digest`: one adapter, one name; two adapters, two names).
 
 Whether a server can load tandem's adapters is found before training (`probe_adapter`, `refusal`): a
 one-module adapter of the run's rank, made here from the model's config (no weights read), goes the way
-real ones will and is unloaded again; vLLM's answer tells a server without runtime LoRA, one without
+real ones will under a name of this check's own (clients may check one server at once) and is unloaded again; vLLM's answer tells a server without runtime LoRA, one without
 `--enable-lora`, one that cannot read the path and a rank above its `--max-lora-rank` apart, each in one
 line that names the server and what to do.
 """
