@@ -33,15 +33,16 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(tiny_vllm_model_dir, tmp_path_factory):
-    """Both servers, started at once and shared by this module's tests. `apart` takes LoRA ranks up to 16,
-    `near` up to 32."""
+    """Both servers, started at once and shared by this module's tests. `apart` takes LoRA ranks up to 16 and
+    uploads up to 1 MiB (the tiny model's adapters are a few hundred KiB), `near` ranks up to 32."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare -m (a mount namespace) needs root here")
     runs = tmp_path_factory.mktemp("runs")
     logs = tmp_path_factory.mktemp("server-logs")
     ports = free_port(), free_port()
     serve = [sys.executable, "-m", "tandem", "serve", "--model", tiny_vllm_model_dir, "--rank", "16", "--host",
-             "127.0.0.1", "--port", str(ports[0]), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
+             "127.0.0.1", "--port", str(ports[0]), "--max-adapter-mb", "1", "--dtype", "float32", "--max-model-len",
+             "2048", "--enforce-eager"]
     apart = launch_server(["unshare", "-m", "--propagation", "private", "sh", "-c",
                            f"mount -t tmpfs tmpfs {runs} && exec {' '.join(serve)}"], logs / "apart.log")
     near = launch_server(vllm_server_argv(tiny_vllm_model_dir, ports[1], "--enable-lora", "--max-lora-rank", "32"),
@@ -120,14 +121,20 @@ def adapters(url: str) -> dict[str, str]:
     return {m["id"]: m["root"] for m in httpx.get(f"{url}/models").json()["data"] if m.get("parent")}
 
 
+def optimize(model: str, urls: list[str], strategy: str, run_dir, cache_dir):
+    """`tandem optimize` on Iris, small, against `urls`."""
+    return tandem("optimize", "--task", "iris", "--model", model, "--engine", "openai",
+                  *(f for url in urls for f in ("--base-url", url)), "--strategy", strategy, "--run-dir", str(run_dir),
+                  "--train-size", "4", "--val-size", "3", "--test-size", "3", "--max-new-tokens", "40", "--threads",
+                  "4",
+                  "--num-candidates", "1", "--rank", "4", "--alpha", "8", "--epochs", "1", "--min-steps", "4",
+                  "--learning-rate", "0.05", "--keep-checkpoint", "last",
+                  "--weights-metric-threshold", "0", env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
+
+
 def test_p_w_against_two_servers_one_of_which_reads_no_file_of_tandems(pair, tiny_vllm_model_dir, cache_dir):
     run_dir = pair.runs / "p-w"
-    out = tandem("optimize", "--task", "iris", "--model", tiny_vllm_model_dir, "--engine", "openai", "--base-url",
-                 pair.apart, "--base-url", pair.near, "--strategy", "p -> w", "--run-dir", str(run_dir),
-                 "--train-size", "4", "--val-size", "3", "--test-size", "3", "--max-new-tokens", "40", "--threads", "4",
-                 "--num-candidates", "1", "--rank", "4", "--alpha", "8", "--epochs", "1", "--min-steps", "4",
-                 "--learning-rate", "0.05", "--keep-checkpoint", "last",
-                 "--weights-metric-threshold", "0", env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
+    out = optimize(tiny_vllm_model_dir, [pair.apart, pair.near], "p -> w", run_dir, cache_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["lm"]["base_url"] == [pair.apart, pair.near]
     adapter = (run_dir / "p-w" / json.loads((run_dir / "p-w" / "program.json").read_text())["adapter"]).resolve()
@@ -141,6 +148,42 @@ def test_p_w_against_two_servers_one_of_which_reads_no_file_of_tandems(pair, tin
     assert refused.status_code == 404 and "No adapter found" in refused.text
     assert chat(pair.apart, name) == chat(pair.near, name)  # the same adapter, the same greedy reply
     assert chat(pair.apart, name) != chat(pair.apart, tiny_vllm_model_dir)
+
+
+def test_a_two_server_run_resumes_on_the_server_that_is_left(pair, tiny_vllm_model_dir, cache_dir):
+    """The run folder of the test above, `apart` gone for good: the same run goes on with `near` alone (its
+    finished steps reused, one more step run), checked as at the start, recording the servers it now has."""
+    run_dir = pair.runs / "p-w"
+    assert (run_dir / "p-w" / "step.json").exists(), "runs after test_p_w_against_two_servers_..."
+    out = optimize(tiny_vllm_model_dir, [pair.near], "p -> w -> p", run_dir, cache_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reusing finished steps" in out.stderr and (run_dir / "p-w-p" / "step.json").exists()
+    assert json.loads((run_dir / "config.json").read_text())["lm"]["base_url"] == pair.near
+
+
+def test_tandem_serve_refuses_compressed_and_oversized_uploads(pair):
+    """On the real server (tandem serve's flag reaches its route): nothing is written either time."""
+    import gzip
+    import io
+    import tarfile
+
+    def tar(size: int) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for name, data in (("adapter_config.json", b"{}"), ("adapter_model.safetensors", bytes(size))):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    root = pair.apart.removesuffix("/v1")
+    folder = httpx.get(f"{root}/v1/tandem/info").json()["adapter_dir"]
+    answer = httpx.put(f"{root}/v1/tandem/adapters/tandem-gz", content=gzip.compress(tar(4 * 2**20)))
+    assert answer.status_code == 415, answer.text
+    answer = httpx.put(f"{root}/v1/tandem/adapters/tandem-big", content=tar(2 * 2**20))
+    assert answer.status_code == 413 and "--max-adapter-mb" in answer.text, answer.text
+    load = httpx.post(f"{root}/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": f"{folder}/tandem-big"})
+    assert load.status_code == 404 and "No adapter found" in load.text  # nothing was written
 
 
 def test_a_url_that_is_not_an_openai_server_is_one_line(pair, tiny_vllm_model_dir):
@@ -177,8 +220,8 @@ def test_refusals_before_training_name_the_server_and_what_to_do(pair, tiny_vllm
             engine.check_adapters(pair.runs / "x", 16)
     with StandIn(pair.apart, plain_vllm) as url:
         engine = OpenAIEngine(tiny_vllm_model_dir, [pair.near, url], max_retries=0)
-        with pytest.raises(UsageError, match=rf"^the server at {url} cannot read {pair.runs}/y/.tandem-probe-\d+, where "
-                                             r"tandem writes adapters \(another host or a container\): start it with "
+        with pytest.raises(UsageError, match=rf"^the server at {url} cannot read {pair.runs}/y/.tandem-probe-\d+-\w+, "
+                                             r"where tandem writes adapters \(another host or a container\): start it with "
                                              "`tandem serve --model WEIGHTS`"):
             engine.check_adapters(pair.runs / "y", 16)
     engine = OpenAIEngine(tiny_vllm_model_dir, [pair.near, pair.apart], max_retries=0)
@@ -192,8 +235,10 @@ def test_refusals_before_training_name_the_server_and_what_to_do(pair, tiny_vllm
 
 
 def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
-    """`near` is killed (SIGKILL) mid-evaluation (with an adapter), as a request comes to it: that request and the
-    rest go to `apart`, and every score equals a run on `apart` alone. Kills `near`: the module's last test."""
+    """`near` is killed (SIGKILL) mid-evaluation (with an adapter) while a request waits to go to it: the test
+    holds the first request that comes to `near` until `apart` has answered three, kills `near` and lets the
+    request go. It and the rest go to `apart`, and every score equals a run on `apart` alone. Kills `near`:
+    the module's last test."""
     from test_local_lm import make_adapter
 
     from tandem.evaluate import evaluate
@@ -208,30 +253,36 @@ def test_a_server_killed_mid_evaluation(pair, tiny_vllm_model_dir, tmp_path):
     alone = evaluate(program, OpenAIEngine(tiny_vllm_model_dir, pair.apart), examples, task.metric, generation,
                      progress=False)
     both = OpenAIEngine(tiny_vllm_model_dir, [pair.apart, pair.near], max_retries=1, timeout=30)
-    both.pool.slack = 0  # every call to the least busy server: `near` surely gets calls after the third answer
+    both.pool.slack = 0  # every call to the least busy server: `near` gets calls while `apart` answers
     near = next(s for s in both.servers if s.url == pair.near)
-    answered, calls, killed, original, lock = [], [], [], both._on, threading.Lock()
+    answered, calls, killed, original, lock = [], [], [], both._on, threading.Condition()
 
-    def on(server, request):  # `near` dies as a request comes to it after three answers (from either server)
+    def on(server, request):
         with lock:
             if not calls:  # the first request: its adapter is on both servers already, as they list it
                 name = both._served_name(request.adapter)
                 assert name in adapters(pair.apart) and name in adapters(pair.near)
             calls.append(server.url)
-            if server.url == pair.near and len(answered) >= 3 and not killed:  # the node dies: no goodbye
-                os.killpg(pair.processes[1].pid, signal.SIGKILL)
-                killed.append(len(answered))
+            if server.url == pair.near and not killed:  # held (the lock let go meanwhile) until three answers
+                assert lock.wait_for(lambda: len(answered) >= 3 or killed, timeout=300)
+                if not killed:  # the node dies: no goodbye
+                    os.killpg(pair.processes[1].pid, signal.SIGKILL)
+                    pair.processes[1].wait()
+                    killed.append(len(answered))
         completion = original(server, request)
         with lock:
             answered.append(server.url)
+            lock.notify_all()
         return completion
 
     both._on = on
     result = evaluate(program, both, examples, task.metric, generation, progress=False)
     assert killed and not near.alive and calls.count(pair.near) > answered.count(pair.near)  # died mid-evaluation
     assert 3 <= killed[0] < len(answered)  # answers came before the kill and after it
+    assert both.retries >= 1
     assert [r.score for r in result.results] == [r.score for r in alone.results]
     assert [r.prediction for r in result.results] == [r.prediction for r in alone.results]
+    both.close()
 
 
 def test_base_url_is_given_once_per_server():
