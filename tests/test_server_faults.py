@@ -254,10 +254,10 @@ def test_a_server_that_answers_after_the_timeout_stays_in_the_pool():
     def slow_once(method, path, body):
         if path == "/v1/chat/completions" and not slow.is_set():
             slow.set()
-            time.sleep(1.5)
+            time.sleep(3.0)
 
     with FakeVLLM(hook=slow_once) as server:
-        engine = OpenAIEngine("m", server.url, max_retries=0, timeout=0.5)
+        engine = OpenAIEngine("m", server.url, max_retries=0, timeout=1.0)
         [completion] = engine.generate([ask("hi")])
         assert completion.text == reply_text("m", list(ask("hi").messages))
         assert engine.servers[0].alive and engine.retries == 1
@@ -269,10 +269,10 @@ def test_a_server_that_keeps_timing_out_is_taken_out_and_its_calls_go_to_another
 
     def hung(method, path, body):
         if path == "/v1/chat/completions" and hang.is_set():
-            time.sleep(1.0)
+            time.sleep(3.0)
 
     with FakeVLLM(hook=hung) as slow, FakeVLLM() as fine:
-        engine = OpenAIEngine("m", [slow.url, fine.url], max_retries=0, timeout=0.3)
+        engine = OpenAIEngine("m", [slow.url, fine.url], max_retries=0, timeout=1.0)
         hang.set()
         requests = [ask("q", f"instructions {i}") for i in range(12)]
         completions = engine.generate(requests)
