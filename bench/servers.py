@@ -4,17 +4,27 @@ and how long an adapter takes to reach a server by its path here against sent to
 
     python bench/servers.py                       # starts two servers here: `tandem serve` and vLLM's own
     python bench/servers.py --base-url http://gpu0:8000/v1 --base-url http://gpu1:8000/v1 --model WEIGHTS
+    python bench/servers.py --soak 300            # the soak, below, on two servers it starts here
 
 Held equal: the program (Iris, tandem's chain of thought), the examples, greedy constrained decoding
 without the LM cache, `--threads` programs at once, the adapter (rank `--rank`, made here with peft). On a
 machine whose servers share its cores (two vLLM CPU servers on 2 cores) two cannot be faster than one: the
 figure is the overhead of spreading; on servers with their own GPUs or hosts it is the scaling. Given URLs,
 the adapter is sent to those that take files (`tandem serve`) and loaded by path on the others.
+
+The soak (`--soak SECONDS`): `--evaluations` evaluations at once, again and again, against both servers;
+a quarter of the way in, the second server is killed (SIGKILL, no goodbye) and started again on its port;
+it goes on for SECONDS and until that server has been back a quarter of SECONDS (three times SECONDS at
+most). Reported: requests served, sent again after a server did not answer (retried) and failed for good
+(lost), when the server was taken out and put back, wall time, and whether every evaluation's predictions
+equal those of a run on the first server alone. Loopback only: it kills a server it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +43,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
     p.add_argument("--rank", type=int, default=16, help="the adapter's LoRA rank (default: 16)")
     p.add_argument("--dtype", default="float32", help="the servers' dtype, when this script starts them")
-    return p.parse_args()
+    p.add_argument("--soak", type=float, metavar="SECONDS", help="instead of the timings: the soak (above) for SECONDS")
+    p.add_argument("--evaluations", type=int, default=4, help="--soak: evaluations at once (default: 4)")
+    args = p.parse_args()
+    if args.soak and args.base_url:
+        p.error("--soak kills and restarts a server: it runs on the two it starts here, not on --base-url")
+    return args
 
 
 def free_port() -> int:
@@ -43,8 +58,6 @@ def free_port() -> int:
 
 
 def start(argv: list[str], log: Path, port: int) -> tuple[subprocess.Popen, str]:
-    import os
-
     import httpx
 
     from tandem.lm.vllm import cpu_environment
@@ -105,6 +118,89 @@ def evaluate_on(urls: list[str], weights: str, program, examples, metric, genera
             "score": result.score}
 
 
+def soak(urls: list[str], restart, weights: str, program, examples, metric, generation, seconds: float,
+         evaluations: int) -> dict:
+    """`evaluations` evaluations at once over both servers for `seconds`, and on until the second server, killed
+    and started again by `restart()` a quarter of the way in, has been back for a quarter of `seconds` (three
+    times `seconds` at most)."""
+    import threading
+
+    from tandem.errors import TandemError
+    from tandem.evaluate import evaluate
+    from tandem.lm.openai_server import OpenAIEngine
+
+    def predictions(result) -> list:
+        return [(r.prediction, r.score) for r in result.results]
+
+    alone = OpenAIEngine(weights, urls[:1], concurrency=generation.threads * 2)
+    expected = predictions(evaluate(program, alone, examples, metric, generation, progress=False, max_errors=10**6))
+    alone.close()
+    engine = OpenAIEngine(weights, urls, concurrency=generation.threads * evaluations)
+    engine.pool.recheck = 1.0  # a restarted server is put back within a second of answering
+    engine.load_adapter(program.adapter)
+    second = engine.servers[1]
+    counts = {"served": 0, "served_back": 0, "lost": 0, "evaluations": 0, "unequal": 0, "failed": 0}
+    lock, times, stop, one, on = threading.Lock(), {}, threading.Event(), engine._one, engine._on
+
+    def counted(request):  # a request, retries included: served or lost
+        try:
+            completion = one(request)
+        except TandemError:
+            with lock:
+                counts["lost"] += 1
+            raise
+        with lock:
+            counts["served"] += 1
+        return completion
+
+    def answered(server, request):  # one answer of one server
+        completion = on(server, request)
+        if server is second and "back" in times:
+            with lock:
+                counts["served_back"] += 1
+        return completion
+
+    engine._one, engine._on = counted, answered
+    started = time.monotonic()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                result = evaluate(program, engine, examples, metric, generation, progress=False, max_errors=10**6)
+            except TandemError as exc:
+                print(f"an evaluation failed: {exc}", file=sys.stderr)
+                with lock:
+                    counts["failed"] += 1
+                continue
+            with lock:
+                counts["evaluations"] += 1
+                counts["unequal"] += predictions(result) != expected
+
+    def again() -> None:
+        restart()
+        times["answering"] = time.monotonic() - started
+
+    threads = [threading.Thread(target=loop) for _ in range(evaluations)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds / 4)
+    times["killed"] = time.monotonic() - started
+    threading.Thread(target=again, daemon=True).start()
+    while True:
+        elapsed = time.monotonic() - started
+        if second.alive and "back" not in times and "answering" in times:
+            times["back"] = elapsed
+        if elapsed >= 3 * seconds or (elapsed >= seconds and elapsed >= times.get("back", 3 * seconds) + seconds / 4):
+            break
+        time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    engine.close()
+    return {**counts, **times, "retried": engine.retries, "wall": wall, "loads": len(engine.adapter_loads)}
+
+
 def load_times(urls: list[str], weights: str, adapter: str, tries: int = 3) -> list[tuple[str, str, float]]:
     """(server, way, seconds) of loading `adapter` into each server, `tries` times (a new name each time:
     the adapter's files are rewritten, so its content hash changes)."""
@@ -140,26 +236,45 @@ def main() -> None:
         common = ["--host", "127.0.0.1", "--dtype", args.dtype, "--max-model-len", "4096", "--enforce-eager"]
         first = start([sys.executable, "-m", "tandem", "serve", "--model", weights, "--rank", str(args.rank),
                        "--port", str(ports[0]), *common], work / "serve.log", ports[0])
-        second = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights, "--port",
-                        str(ports[1]), "--enable-lora", "--max-lora-rank", str(args.rank), "--gpu-memory-utilization",
-                        "0.25", *common], work / "vllm.log", ports[1])
+        vllm = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights, "--port",
+                str(ports[1]), "--enable-lora", "--max-lora-rank", str(args.rank), "--gpu-memory-utilization", "0.25",
+                *common]
+        second = start(vllm, work / "vllm.log", ports[1])
         processes = [first[0], second[0]]
         urls = [first[1], second[1]]
+
+    def restart() -> None:  # the second server dies (no goodbye) and is started again on its port
+        os.killpg(processes[1].pid, signal.SIGKILL)
+        processes[1].wait()
+        processes[1] = start(vllm, work / "vllm-again.log", ports[1])[0]
+
     try:
         task = load_task("iris")
         examples = (task.split("val") + task.split("test"))[: args.examples]
         program = task.make_program()
         program.adapter = make_adapter(weights, work / "adapter", args.rank)
         generation = GenerationSettings(max_new_tokens=args.max_new_tokens, threads=args.threads)
-        rows = [evaluate_on(urls[:1], weights, program, examples, task.metric, generation),
-                evaluate_on(urls, weights, program, examples, task.metric, generation)]
-        loads = load_times(urls, weights, program.adapter)
+        if args.soak:
+            figures = soak(urls, restart, weights, program, examples, task.metric, generation, args.soak,
+                           args.evaluations)
+        else:
+            rows = [evaluate_on(urls[:1], weights, program, examples, task.metric, generation),
+                    evaluate_on(urls, weights, program, examples, task.metric, generation)]
+            loads = load_times(urls, weights, program.adapter)
     finally:
-        import os
-        import signal
-
         for process in processes:
             os.killpg(process.pid, signal.SIGTERM)
+    if args.soak:
+        f = figures
+        back = f"put back at {f['back']:.0f} s" if "back" in f else "not put back before the end"
+        answering = f"answering again at {f['answering']:.0f} s" if "answering" in f else "not answering again"
+        print(f"soak: {args.evaluations} evaluations at once of {len(examples)} Iris examples ({args.model}, an "
+              f"adapter of rank {args.rank}, {args.threads} programs each), at least {args.soak:.0f} s, 2 servers")
+        print(f"the second killed at {f['killed']:.0f} s, {answering}, {back}")
+        print(f"requests served {f['served']} ({f['served_back']} by the second once back), retried {f['retried']}, "
+              f"lost {f['lost']}; adapter loads {f['loads']}; evaluations {f['evaluations']} finished ({f['failed']} "
+              f"failed), {f['unequal']} unlike the one-server run; wall {f['wall']:.0f} s")
+        return
     print(f"Iris, {len(examples)} examples, {args.model}, an adapter of rank {args.rank} on every request, "
           f"{args.threads} programs at once, greedy constrained decoding, no cache")
     print(f"{'servers':>8} {'requests':>9} {'seconds':>8} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'score':>6}")
