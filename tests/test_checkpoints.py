@@ -36,7 +36,7 @@ def replies(right_on):
 
 def weight_step(tmp_path, respond, epochs=3, **settings):
     lm = ScriptedLM(respond, trainable=True)
-    weights = WeightSettings(lora=LoraSettings(epochs=epochs), **settings)
+    weights = WeightSettings(lora=LoraSettings(epochs=epochs), min_calls=1, **settings)
     result = better_together(Classify(), lm, "w", flowers("train", 6), flowers("val", 6), flowers("test", 6), metric,
                              OptimizeSettings(weights=weights), run_dir=tmp_path, progress=False)
     return lm, result
@@ -65,7 +65,7 @@ def test_a_weight_step_worse_than_its_start_at_every_checkpoint_returns_the_star
     program.classify.demos = [{"flower": "train flower 0", "species": "setosa"}]
     start = program.get_state()
     result = bootstrap_finetune(program, lm, flowers("train", 6), flowers("val", 6), metric,
-                                WeightSettings(lora=LoraSettings(epochs=2)), out_dir=tmp_path, progress=False)
+                                WeightSettings(lora=LoraSettings(epochs=2), min_calls=1), out_dir=tmp_path, progress=False)
     assert result.trained and result.kept_step == 0
     assert result.program.get_state() == start and result.program.adapter is None  # demos kept, no adapter
     assert [c.step for c in result.checkpoints] == [0, 1, 2]

@@ -61,7 +61,7 @@ def test_optimize_writes_the_run_folder_and_refuses_a_changed_config(tiny_model_
     run_dir = tmp_path / "run"
     args = ["optimize", "--task", "iris", "--model", tiny_model_dir, "--strategy", "p -> w", "--run-dir", str(run_dir),
             "--train-size", "3", "--val-size", "3", "--test-size", "3", "--num-candidates", "1", "--epochs", "1",
-            "--max-new-tokens", "6", "--threads", "4"]
+            "--min-calls", "1", "--max-new-tokens", "6", "--threads", "4"]
     env = {"TANDEM_CACHE_DIR": str(cache_dir)}
     out = tandem(*args, env_extra=env)
     assert out.returncode == 0, out.stderr

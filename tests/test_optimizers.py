@@ -168,7 +168,7 @@ def test_weight_step_trains_one_adapter_on_every_modules_calls(tmp_path):
     lm = ScriptedLM(smart, trainable=True)
     program = Double()
     program.answer.demos = [{"rewritten": "9", "reasoning": "r", "double": "18"}]
-    result = bootstrap_finetune(program, lm, data([1, 2, 4]), data([7]), metric, WeightSettings(keep_checkpoint="last"),
+    result = bootstrap_finetune(program, lm, data([1, 2, 4]), data([7]), metric, WeightSettings(keep_checkpoint="last", min_calls=1),
                                 out_dir=tmp_path, progress=False)
     assert result.trained and result.successful_runs == 3 and result.conversations == 6
     (conversations,) = lm.finetuned
@@ -184,7 +184,8 @@ def test_weight_step_trains_one_adapter_on_every_modules_calls(tmp_path):
 
 def test_weight_step_needs_an_lm_that_can_finetune(tmp_path):
     with pytest.raises(TypeError, match="cannot fine-tune"):
-        bootstrap_finetune(Double(), ScriptedLM(smart), data([2]), data([4]), metric, out_dir=tmp_path, progress=False)
+        bootstrap_finetune(Double(), ScriptedLM(smart), data([2]), data([4]), metric, WeightSettings(min_calls=1),
+                           out_dir=tmp_path, progress=False)
 
 
 def test_better_together_scores_every_step_and_resumes_without_redoing(tmp_path):
@@ -239,7 +240,7 @@ def test_weight_step_with_demos_trains_and_runs_with_them(tmp_path):
     lm = ScriptedLM(smart, trainable=True)
     program = Double()
     program.answer.demos = [{"rewritten": "9", "reasoning": "r", "double": "18"}]
-    result = bootstrap_finetune(program, lm, data([2]), data([4]), metric, WeightSettings(with_demos=True),
+    result = bootstrap_finetune(program, lm, data([2]), data([4]), metric, WeightSettings(with_demos=True, min_calls=1),
                                 out_dir=tmp_path, progress=False)
     answer_calls = [c for c in lm.finetuned[0] if "Double" in c[0]["content"]]
     assert answer_calls and all(any(m["role"] == "assistant" for m in c[:-1]) for c in answer_calls)

@@ -128,7 +128,7 @@ def optimize(model: str, urls: list[str], strategy: str, run_dir, cache_dir):
                   "--train-size", "4", "--val-size", "3", "--test-size", "3", "--max-new-tokens", "40", "--threads",
                   "4",
                   "--num-candidates", "1", "--rank", "4", "--alpha", "8", "--epochs", "1", "--min-steps", "4",
-                  "--learning-rate", "0.05", "--keep-checkpoint", "last",
+                  "--min-calls", "1", "--learning-rate", "0.05", "--keep-checkpoint", "last",
                   "--weights-metric-threshold", "0", env_extra={"TANDEM_CACHE_DIR": str(cache_dir)})
 
 

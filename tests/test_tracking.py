@@ -42,7 +42,7 @@ def graded():
 '''
 
 SMALL = ["--train-size", "8", "--val-size", "6", "--test-size", "6", "--num-candidates", "1", "--epochs", "1",
-         "--max-new-tokens", "6", "--threads", "4", "--batch-size", "2", "--min-steps", "3"]
+         "--min-calls", "1", "--max-new-tokens", "6", "--threads", "4", "--batch-size", "2", "--min-steps", "3"]
 
 
 def tandem(*args, env=None, cwd=None):

@@ -9,7 +9,7 @@ from tandem.lm import Request
 from tandem.lm.local import LocalLM
 from tandem.errors import ConfigError
 from tandem.settings import LoraSettings
-from tandem.training.lora import finetune, lr_factor, tokenize_chat
+from tandem.training.lora import finetune, lr_factor, stratified, tokenize_chat
 
 
 def conversations():
@@ -45,6 +45,31 @@ def test_loss_is_only_on_the_assistant_reply(tiny_model_dir):
     assert lm.tokenizer.decode(target).startswith("Color: blue")
     assert labels[: len(ids) - len(target)] == [-100] * (len(ids) - len(target))
     lm.close()
+
+
+def test_loss_from_leaves_the_reasoning_in_the_sequence_untaught(tiny_model_dir):
+    lm = LocalLM(tiny_model_dir, dtype="float32")
+    reply = "Reasoning: the sky is up there, so blue\nColor: blue"
+    conversation = conversations()[0][:-1] + [{"role": "assistant", "content": reply}]
+    whole_ids, whole = tokenize_chat(lm.tokenizer, lm.prompt_text, conversation)
+    ids, labels = tokenize_chat(lm.tokenizer, lm.prompt_text, conversation, loss_from=reply.index("Color:"))
+    assert ids == whole_ids  # the same sequence: only what is taught differs
+    taught = [t for t in labels if t != -100]
+    assert lm.tokenizer.decode(taught).startswith("Color: blue") and "sky" not in lm.tokenizer.decode(taught)
+    assert taught == [t for t in whole if t != -100][-len(taught):]
+    lm.close()
+
+
+def test_stratified_steps_hold_the_classes_in_their_shares():
+    import random
+
+    labels = ["a"] * 30 + ["b"] * 20 + ["c"] * 10
+    order = [i for batch in stratified(labels, 1, random.Random(0)) for i in batch]
+    assert sorted(order) == list(range(60))
+    for start in range(0, 60, 6):  # any step of 6 consecutive calls: 3 a, 2 b, 1 c, give or take one
+        step = [labels[i] for i in order[start:start + 6]]
+        assert abs(step.count("a") - 3) <= 1 and abs(step.count("b") - 2) <= 1 and abs(step.count("c") - 1) <= 1
+    assert stratified(labels, 4, random.Random(0))[0] == order[:4]
 
 
 def test_training_lowers_the_loss_and_writes_a_peft_adapter(trained):

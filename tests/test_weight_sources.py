@@ -45,7 +45,7 @@ def reply(request):
 def finetune(tmp_path, extended, respond=reply, program=None, examples=None, score=metric, **options):
     lm = ScriptedLM(respond, trainable=True)
     # The data a step trains on, not which checkpoint it keeps (tests/test_checkpoints.py): no val runs.
-    settings = WeightSettings(extended=ExtendedWeightSettings(**options), keep_checkpoint="last")
+    settings = WeightSettings(extended=ExtendedWeightSettings(**options), keep_checkpoint="last", min_calls=1)
     examples = examples or data()
     result = bootstrap_finetune(program or Classify(), lm, examples, examples, score, settings, out_dir=tmp_path,
                                 progress=False, extended=extended)
@@ -59,7 +59,9 @@ def test_the_paper_step_trains_on_exactly_the_passing_greedy_runs(tmp_path):
     assert all(r.temperature == 0 and "Hint" not in r.messages[-1]["content"] for r in lm.requests)
     assert result.sources == {"runs": 4} and result.conversations == 4
     assert [r["messages"][-1]["content"] for r in rows] == ["Reasoning: a guess from the first letter\nLabel: a"] * 4
-    assert "from 4 passing runs" in result.notes[0]
+    # every passing run answers "a": an adapter would learn that class alone, so none is trained
+    assert not result.trained and lm.finetuned == [] and result.program.adapter is None
+    assert result.notes[0].startswith("too little to learn from: all 4 training calls answer 'a'")
 
 
 def test_sampled_runs_keep_only_passing_distinct_replies(tmp_path):
@@ -183,7 +185,7 @@ def test_w_plus_is_a_strategy_step_beside_the_papers(tmp_path):
     assert list(parse_strategies("vanilla, extended")) == ["vanilla", "Θ+", "Π→Θ+", "Π→Θ+→Π"]
     assert parse_strategies("p -> w +")["Π→Θ+"] == "p -> w+"
     lm = ScriptedLM(reply, trainable=True)
-    settings = OptimizeSettings(weights=WeightSettings(extended=ExtendedWeightSettings(samples=1)))
+    settings = OptimizeSettings(weights=WeightSettings(extended=ExtendedWeightSettings(samples=1), min_calls=1))
     result = better_together(Classify(), lm, "w -> w+", data(), data(), data(), metric, settings,
                              run_dir=tmp_path, progress=False)
     assert [s.prefix for s in result.steps] == ["zero-shot", "w", "w-w+"]
@@ -205,3 +207,61 @@ def test_a_metric_bug_stops_the_weight_step_and_no_step_record_is_written(tmp_pa
     assert isinstance(caught.value.__cause__, KeyError)
     assert (tmp_path / "zero-shot" / "step.json").exists() and not (tmp_path / "w" / "step.json").exists()
     assert lm.finetuned == []
+
+
+def right(request, say=None):
+    """Always the gold label; the reasoning names `say(gold)` where given."""
+    gold = request.messages[-1]["content"].split(" is ")[1][0]
+    return f"Reasoning: it looks like {say(gold) if say else gold} from its first letter\nLabel: {gold}"
+
+
+def weight_step(tmp_path, respond, **settings):
+    lm = ScriptedLM(respond, trainable=True)
+    result = bootstrap_finetune(Classify(), lm, data(), data(), metric, WeightSettings(keep_checkpoint="last", **settings),
+                                out_dir=tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    return lm, result, rows
+
+
+def test_too_few_training_calls_are_one_line_and_nothing_is_learned(tmp_path):
+    lm, result, rows = weight_step(tmp_path, right)  # 6 passing runs of 3 classes, fewer than min_calls (8)
+    assert not result.trained and result.program.adapter is None and lm.finetuned == []
+    assert result.notes[0] == ("too little to learn from: 6 training calls, fewer than --min-calls 8; a w+ step "
+                               "(sampled and rationalized runs) or --train-size gives more")
+    assert len(rows) == 6  # what was gathered is still there to read
+    lm, result, _ = weight_step(tmp_path / "enough", right, min_calls=6)
+    assert result.trained and len(lm.finetuned) == 1
+
+
+def test_training_calls_name_their_class_and_where_the_answer_starts(tmp_path):
+    lm, result, rows = weight_step(tmp_path, right, min_calls=1)
+    assert [r["group"] for r in rows] == GOLDS
+    for row in rows:  # reasoning="answer", the default: the loss starts at the answer's label
+        reply = row["messages"][-1]["content"]
+        assert reply[row["loss_from"]:] == f"Label: {row['group']}"
+    (calls,) = lm.finetuned
+    assert calls == [r["messages"] for r in rows]
+    _, _, rows = weight_step(tmp_path / "all", right, min_calls=1, reasoning="all")
+    assert not any("loss_from" in r for r in rows)
+
+
+def test_reasoning_that_argues_for_another_class(tmp_path):
+    def other(gold):
+        return "b" if gold == "a" else "a"
+
+    def half(request):  # items 0-2 reason toward another class than they answer
+        item = int(request.messages[-1]["content"].split("item ")[1][0])
+        return right(request, other if item < 3 else None)
+
+    # the whole reply taught (the paper) and every run argues against its answer: nothing to learn
+    lm, result, _ = weight_step(tmp_path / "all", lambda r: right(r, other), min_calls=1, reasoning="all")
+    assert not result.trained and lm.finetuned == []
+    assert result.notes[0] == ("too little to learn from: the reasoning of all 6 runs names another class than "
+                               "their answer; --reasoning answer teaches the answers alone")
+    # the check leaves those runs out and says so
+    lm, result, rows = weight_step(tmp_path / "check", half, min_calls=1, reasoning="consistent")
+    assert result.trained and [r["group"] for r in rows] == GOLDS[3:]
+    assert "reasoning: left out 3 runs whose reasoning names another class than their answer" in result.notes
+    # the answer alone: every run kept, its reasoning untaught
+    lm, result, rows = weight_step(tmp_path / "answer", half, min_calls=1)
+    assert result.trained and len(rows) == 6 and all(r["loss_from"] > 0 for r in rows)

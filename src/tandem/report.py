@@ -53,16 +53,24 @@ def checkpoint_section(folder: Path, details: dict[str, Any]) -> list[str]:
         return [f"Kept its last checkpoint ({'keep_checkpoint=last' if details.get('trained') else 'nothing trained'});"
                 " no checkpoint was scored on val."]
     kept = details.get("kept_step")
+    series = {"val %": [c["val"] for c in checkpoints]}
+    if any(c.get("train") is not None for c in checkpoints):
+        series["train %"] = [c.get("train") for c in checkpoints]
     chart = line_chart(folder / "checkpoints.png", f"weight step: {folder.name}", [c["step"] for c in checkpoints],
-                       {"val %": [c["val"] for c in checkpoints]}, "optimizer step (0: the program the step started "
-                       "from)", "%", mark=kept)
-    lines = [f"![val by checkpoint]({folder.name}/{chart.name})", "",
-             "| checkpoint | epoch | val % | failed (val) | answers on val |", "|---|---|---|---|---|"]
+                       series, "optimizer step (0: the program the step started from)", "%", mark=kept)
+    lines = [f"![val by checkpoint]({folder.name}/{chart.name})"]
+    losses = details.get("training", {}).get("step_losses")
+    if losses:
+        loss = line_chart(folder / "loss.png", f"weight step: {folder.name}, training loss", range(1, len(losses) + 1),
+                          {"loss on the taught tokens": losses}, "optimizer step", "loss (mean per call)")
+        lines.append(f"![training loss]({folder.name}/{loss.name})")
+    lines += ["", "| checkpoint | epoch | val % | train % | failed (val) | answers on val |", "|---|---|---|---|---|---|"]
     for c in checkpoints:
         mark = " ← kept" if c["step"] == kept else ""
         name = "start" if c["step"] == 0 else f"step {c['step']}"
         answers = ", ".join(f"{value} {n}" for value, n in c["answers"].items())
-        lines.append(f"| {name}{mark} | {c['epoch']:g} | {c['val']:.1f} | {c['val_errors']} | {answers} |")
+        train = "-" if c.get("train") is None else f"{c['train']:.1f}"
+        lines.append(f"| {name}{mark} | {c['epoch']:g} | {c['val']:.1f} | {train} | {c['val_errors']} | {answers} |")
     return lines
 
 

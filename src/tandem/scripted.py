@@ -53,6 +53,6 @@ class ScriptedLM:
             (out / "adapter_config.json").write_text(json.dumps({"scripted": True, "seed": settings.seed, "step": step}))
             checkpoints.append({"step": step, "epoch": float(step), "path": str(out)})
         with self._lock:
-            self.finetuned.append(list(conversations))
+            self.finetuned.append([getattr(c, "messages", c) for c in conversations])  # TrainingCall or messages
         return TrainReport(len(conversations), 0, 0, settings.epochs, 0.0, 0.0, 0.0, [], epochs=settings.epochs,
                            checkpoints=checkpoints if checkpoint_dir is not None else [])

@@ -154,6 +154,9 @@ class LoraSettings(Settings):
                                  "until it reaches them; the report says how many it made", ge=1)
     checkpoint_every: int = setting(0, "optimizer steps between the checkpoints a weight step scores on val (the last "
                                        "step always is one); 0: one at the end of every epoch", ge=0)
+    stratify: bool = setting(True, "where the training calls' answers are choices, order them so that every optimizer "
+                                   "step holds the classes in their shares of the data (off: random order, calls of "
+                                   "similar length together)")
     target_modules: str | tuple[str, ...] = setting("all-linear", "modules that get LoRA weights", cli=False)
     seed: int = setting(0, "initialisation and shuffling seed (set per step by the optimizer)", cli=False)
 
@@ -182,6 +185,9 @@ class ExtendedWeightSettings(Settings):
                                   "more than twice the runs of the smallest class that has any; earlier sources first")
 
 
+REASONING_MODES = ("answer", "consistent", "all")
+
+
 @dataclass(frozen=True)
 class WeightSettings(Settings):
     """Θ: BootstrapFinetune."""
@@ -189,6 +195,17 @@ class WeightSettings(Settings):
     lora: LoraSettings = setting(LoraSettings(), "LoRA hyperparameters")
     extended: ExtendedWeightSettings = setting(ExtendedWeightSettings(), "what a `w+` step adds")
     with_demos: bool = setting(False, "train and run with the program's demos (the paper: without)")
+    train_curve: int = setting(20, "training examples a weight step also scores at every checkpoint, for its "
+                                   "learning curve (train beside val in the report; never used to choose); 0: none",
+                               ge=0)
+    min_calls: int = setting(8, "fewest training calls a weight step trains on; with fewer (or one class only) it says "
+                                "so in one line and returns its program unchanged", ge=1)
+    reasoning: str = setting("answer", "what a weight step teaches of a chain-of-thought reply: answer, the answer "
+                                       "only (the reasoning stays in each training call as the context the model "
+                                       "read, untaught, so reasoning that argues for another class teaches "
+                                       "nothing wrong); consistent, the whole reply, leaving out calls whose "
+                                       "reasoning names another choice and never the one answered; all, the whole "
+                                       "reply of every call (the paper)", choices=REASONING_MODES)
     launcher: str | None = setting(None, "train in processes of their own, one per GPU, under this launcher: "
                                          "'torchrun --nproc-per-node 4' or 'accelerate launch --num_processes 4' "
                                          "(data parallel); default: in this process")
@@ -271,19 +288,24 @@ class JobSettings(Settings):
 # Named presets of the same settings the command line sets (by flag name); any flag still wins.
 # tiny: minutes on a 2-core CPU with a 135M model; small: an hour or so; paper: the paper's settings
 # (prompt optimization on 100 train / 250 val, Iris 15 / 35; LoRA rank 32, alpha 64, 5 epochs; free decoding).
+# Their LoRA is a small model's: a 135M model on 50 gold Iris calls sat at chance for ~50 optimizer steps of 6
+# at lr 3e-3 (steps stratified by class) and then learned (val 92% at step 96); at 3e-4 in 32 steps, or 2e-3 in
+# 100 steps of 2, it never left chance (docs/RESULTS.md). A 7B model wants a lower rate (--learning-rate 2e-4).
 BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": dict(train_size=15, val_size=20, test_size=50, num_candidates=2, max_bootstrapped_demos=3,
-                 max_labeled_demos=3, epochs=2, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=96,
+                 max_labeled_demos=3, epochs=2, learning_rate=3e-3, batch_size=6, rank=16, alpha=32, max_new_tokens=96,
                  rounds=4, round_examples=6, group_size=8, policy_learning_rate=5e-4, val_every=2,
                  max_metric_calls=46, reflection_max_tokens=128, checkpoint_every=4),
     "small": dict(train_size=50, val_size=50, test_size=100, num_candidates=4, max_bootstrapped_demos=3,
-                  max_labeled_demos=3, epochs=3, learning_rate=3e-4, rank=16, alpha=32, max_new_tokens=256,
+                  max_labeled_demos=3, epochs=3, learning_rate=3e-3, batch_size=6, min_steps=96, warmup_ratio=0.05,
+                  checkpoint_every=12, rank=16, alpha=32, max_new_tokens=256,
                   rounds=8, round_examples=8, group_size=8, policy_learning_rate=2e-4, val_every=2,
                   max_metric_calls=250, reflection_max_tokens=512),
     "paper": dict(train_size=100, val_size=250, test_size=1500, num_candidates=6, max_bootstrapped_demos=3,
                   max_labeled_demos=3, epochs=5, learning_rate=1e-4, rank=32, alpha=64, max_new_tokens=1024,
                   constrained=False, rounds=20, round_examples=16, group_size=8, policy_learning_rate=5e-5,
-                  max_metric_calls=2000, reflection_max_tokens=1024, keep_checkpoint="last"),
+                  max_metric_calls=2000, reflection_max_tokens=1024, keep_checkpoint="last",
+                  reasoning="all", stratify=False),
 }
 PAPER_IRIS = {"train_size": 15, "val_size": 35}
 

@@ -47,7 +47,7 @@ from ..settings import ExtendedWeightSettings, GenerationSettings, WeightSetting
 from ..signatures import InvalidValue
 from ..training.launch import launch
 from ..training.lora import check_adapters, finetune
-from ..training.reports import TrainReport
+from ..training.reports import TrainingCall, TrainReport
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class Checkpoint:
     val: float
     val_errors: int
     answers: dict[str, int]
+    train: float | None = None  # the score on the first `train_curve` training examples: did it learn them?
 
     @property
     def score(self) -> ValScore:
@@ -107,16 +108,19 @@ class WeightResult:
             out["training"] = {"examples": r.examples, "tokens": r.tokens, "steps": r.steps, "epochs": r.epochs,
                                "seconds": round(r.seconds, 1),
                                "tokens_per_second": round(r.tokens_per_second, 1), "first_loss": round(r.first_loss, 4),
-                               "last_loss": round(r.last_loss, 4), "dropped_too_long": r.dropped_too_long}
+                               "last_loss": round(r.last_loss, 4), "dropped_too_long": r.dropped_too_long,
+                               "step_losses": [round(x, 4) for x in r.step_losses]}
         return out
 
 
 def training_conversations(program: Program, traces: Sequence[Sequence[TraceEntry]], with_demos: bool,
-                           sources: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                           sources: Sequence[str] | None = None, reasoning: str = "all") -> list[dict[str, Any]]:
     """One chat example per module call: the messages the module would send, then the reply it gave.
 
     Messages are rendered anew from the call's inputs, so a hint shown during rationalization never
-    reaches the training prompt.
+    reaches the training prompt. Each row names its answer's class (`group`: the call's choice-typed
+    outputs, where it has any) and, with `reasoning="answer"`, where in the reply the loss starts
+    (`loss_from`: after a chain of thought's reasoning, which stays in the call untaught).
     """
     predictors = dict(program.named_predictors())
     rows = []
@@ -126,12 +130,45 @@ def training_conversations(program: Program, traces: Sequence[Sequence[TraceEntr
                 continue
             predictor = predictors[entry.module]
             messages = render_messages(predictor.signature, predictor.demos if with_demos else [], entry.inputs)
-            messages.append({"role": "assistant", "content": render_reply(predictor.signature, entry.outputs)})
-            row = {"module": entry.module, "messages": messages}
+            reply = render_reply(predictor.signature, entry.outputs)
+            messages.append({"role": "assistant", "content": reply})
+            row: dict[str, Any] = {"module": entry.module, "messages": messages}
+            choices = [str(entry.outputs[f.name]) for f in predictor.signature.outputs if f.type == "choice"]
+            if choices:
+                row["group"] = "|".join(choices)
+            if reasoning == "answer" and predictor.rationale and entry.outputs.get(predictor.rationale):
+                row["loss_from"] = answer_start(predictor.signature, entry.outputs, predictor.rationale, reply)
             if sources is not None:
                 row["source"] = sources[n]
             rows.append(row)
     return rows
+
+
+def answer_start(signature, outputs: dict[str, Any], rationale: str, reply: str) -> int:
+    """Where the answer begins in `reply`: the reply rendered without the rationale is its end."""
+    answer = render_reply(signature, {k: v for k, v in outputs.items() if k != rationale})
+    if not answer or not reply.endswith(answer):
+        raise ValueError(f"the reply does not end with its answer fields: {reply[-200:]!r}")
+    return len(reply) - len(answer)
+
+
+def contradicts(trace: Sequence[TraceEntry], program: Program) -> bool:
+    """Whether a call of the run reasons toward another class than it answers: its reasoning names some
+    other choice of a choice-typed answer and never the one it gave (whole words, any case)."""
+    predictors = dict(program.named_predictors())
+    for entry in trace:
+        predictor = predictors.get(entry.module)
+        if predictor is None or entry.outputs is None or not predictor.rationale:
+            continue
+        text = str(entry.outputs.get(predictor.rationale, "")).lower()
+        for f in predictor.signature.outputs:
+            if f.type != "choice":
+                continue
+            given = str(entry.outputs.get(f.name, "")).lower()
+            named = {c.lower() for c in f.choices if re.search(rf"\b{re.escape(c.lower())}\b", text)}
+            if named and given not in named:
+                return True
+    return False
 
 
 @dataclass
@@ -309,6 +346,24 @@ def gather_runs(program: Program, lm: LM, train: Sequence[Example], metric: Metr
     return out
 
 
+def too_little(rows: Sequence[dict[str, Any]], runs: int, contradicting: int, extended: bool, least: int) -> str | None:
+    """Why these training calls are too little to learn from, in one line that names the count and what
+    gives more; None where they are enough. Too few calls, one class only (an adapter would learn to answer
+    it whatever the input), or, where the whole reply is taught, reasoning that argues against the answer in
+    every run."""
+    more = "--train-size (more examples)" if extended else "a w+ step (sampled and rationalized runs) or --train-size"
+    if len(rows) < least:
+        return f"too little to learn from: {len(rows)} training calls, fewer than --min-calls {least}; {more} gives more"
+    classes = Counter(row["group"] for row in rows if "group" in row)
+    if len(classes) == 1 and sum(classes.values()) == len(rows):
+        return (f"too little to learn from: all {len(rows)} training calls answer {next(iter(classes))!r}, so an "
+                f"adapter would answer it whatever the input; {more} gives the other classes")
+    if runs and contradicting == runs:
+        return (f"too little to learn from: the reasoning of all {contradicting} runs names another class than "
+                "their answer; --reasoning answer teaches the answers alone")
+    return None
+
+
 def _launch(launcher: str, lm: LM, out_dir: Path, lora, checkpoint_dir: Path | None) -> TrainReport:
     """Training in processes of their own (training/launch.py) from the engine's model folder;
     an engine that loads adapters by path (all of tandem's) serves the result like any other."""
@@ -354,10 +409,23 @@ def bootstrap_finetune(
                             trace_failures=gathered.failures, balance_dropped=dropped,
                             hint_dropped=gathered.hint_dropped)
 
-    rows = training_conversations(program, [k.trace for k in kept], settings.with_demos, [k.source for k in kept])
-    with open(out_dir / "train.jsonl", "w") as f:
+    contradicting = sum(contradicts(k.trace, program) for k in kept)
+    if settings.reasoning == "consistent" and contradicting:
+        notes.append(f"reasoning: left out {contradicting} runs whose reasoning names another class than their "
+                     "answer")
+        kept = [k for k in kept if not contradicts(k.trace, program)]
+    rows = training_conversations(program, [k.trace for k in kept], settings.with_demos, [k.source for k in kept],
+                                  settings.reasoning)
+    with open(out_dir / "train.jsonl", "w") as f:  # written either way: what was gathered can be read
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    refusal = too_little(rows, len(kept), contradicting if settings.reasoning == "all" else 0, extended,
+                         settings.min_calls)
+    if refusal:
+        log.warning("weight step: %s", refusal)
+        return WeightResult(program.clone(), False, sources.get("runs", 0), len(rows), notes=[refusal] + notes,
+                            with_demos=settings.with_demos, trace_failures=gathered.failures, sources=sources,
+                            balance_dropped=dropped, hint_dropped=gathered.hint_dropped)
     if not can_train(lm, "finetune"):
         raise TypeError(f"LM '{lm.name}' cannot fine-tune: weight steps need the local engine")
     lora = replace(settings.lora, seed=seed)
@@ -366,7 +434,7 @@ def bootstrap_finetune(
     if settings.launcher:
         report = _launch(settings.launcher, lm, out_dir, lora, checkpoint_dir)
     else:
-        report = finetune(lm, [row["messages"] for row in rows], out_dir / "adapter", lora, progress=progress,
+        report = finetune(lm, [TrainingCall.of(row) for row in rows], out_dir / "adapter", lora, progress=progress,
                           checkpoint_dir=checkpoint_dir)
 
     new = program.clone()
@@ -389,7 +457,7 @@ def bootstrap_finetune(
     kept_step: int | None = None
     if by_val:
         new, checkpoints, kept_step, note = keep_best(program, new, report, lm, val, metric, generation, start,
-                                                      progress)
+                                                      progress, train[:settings.train_curve])
         notes.append(note)
     return WeightResult(new, True, passing, len(rows), report, notes, settings.with_demos, gathered.failures, sources,
                         dict(Counter(row["source"] for row in rows)), dropped, gathered.hint_dropped, checkpoints,
@@ -397,23 +465,31 @@ def bootstrap_finetune(
 
 
 def keep_best(program: Program, trained: Program, report: TrainReport, lm: LM, val: Sequence[Example], metric: Metric,
-              generation: GenerationSettings, start: ValScore | None, progress: bool
-              ) -> tuple[Program, list[Checkpoint], int, str]:
+              generation: GenerationSettings, start: ValScore | None, progress: bool,
+              train: Sequence[Example] = ()) -> tuple[Program, list[Checkpoint], int, str]:
     """Score every checkpoint of `report` on val (as `trained`, with that adapter) beside `program`, the
     step's start, and return the best (a tie keeps the start, then the earlier checkpoint), every score,
-    the step kept (0: the start) and a note that says what was kept and why."""
+    the step kept (0: the start) and a note that says what was kept and why. `train`: training examples
+    scored too at every checkpoint, for the learning curve only (never to choose)."""
     if start is None:
         start = ValScore.of(program, evaluate(program, lm, val, metric, generation, progress=progress,
                                               desc="weights: val, the start"))
-    scored = [Checkpoint(0, 0.0, program.adapter, start.score, start.errors, start.answers)]
+
+    def on_train(candidate: Program, where: str) -> float | None:
+        return evaluate(candidate, lm, train, metric, generation, progress=progress,
+                        desc=f"weights: train, {where}").score if train else None
+
+    scored = [Checkpoint(0, 0.0, program.adapter, start.score, start.errors, start.answers,
+                         on_train(program, "the start"))]
     candidates = {0: program}
     for c in report.checkpoints:
         candidate = trained.clone()
         candidate.adapter = str(Path(c["path"]).resolve())
-        result = evaluate(candidate, lm, val, metric, generation, progress=progress,
-                          desc=f"weights: val, step {c['step']}/{report.steps}")
+        where = f"step {c['step']}/{report.steps}"
+        result = evaluate(candidate, lm, val, metric, generation, progress=progress, desc=f"weights: val, {where}")
         got = ValScore.of(candidate, result)
-        scored.append(Checkpoint(c["step"], c["epoch"], candidate.adapter, got.score, got.errors, got.answers))
+        scored.append(Checkpoint(c["step"], c["epoch"], candidate.adapter, got.score, got.errors, got.answers,
+                                 on_train(candidate, where)))
         candidates[c["step"]] = candidate
     best = scored[0]
     for c in scored[1:]:

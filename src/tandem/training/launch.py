@@ -24,7 +24,7 @@ import torch
 from ..errors import EngineError
 from ..lm.base import chat_prompt
 from ..settings import LoraSettings, from_dict, to_dict
-from .lora import TrainReport, train_lora
+from .lora import TrainingCall, TrainReport, train_lora
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     settings = from_dict(LoraSettings, json.loads(args.settings))
     torch.manual_seed(settings.seed)
-    report, _ = train_lora(model, tokenizer, lambda m: chat_prompt(tokenizer, m), [r["messages"] for r in rows], args.out, settings,
+    report, _ = train_lora(model, tokenizer, lambda m: chat_prompt(tokenizer, m), [TrainingCall.of(r) for r in rows], args.out, settings,
                            progress=accelerator.is_main_process, accelerator=accelerator,
                            checkpoint_dir=args.checkpoints)
     if accelerator.is_main_process:

@@ -1,8 +1,10 @@
 """LoRA training on chat examples, with peft, on a model that is already loaded.
 
 One loop, used by BootstrapFinetune (w, w+) and the DSPy provider through `training.finetune`.
-Loss is taken on the assistant reply only. Examples are grouped by length into micro-batches so
-that padding stays small. The adapter's attach, save and detach serve policy updates too.
+Loss is taken on the assistant reply only, or on its end from `TrainingCall.loss_from` (the answer after
+the reasoning). Calls that name their answer's class (`TrainingCall.group`) are ordered so that every
+optimizer step holds the classes in their proportions; others are grouped by length into micro-batches
+so that padding stays small. The adapter's attach, save and detach serve policy updates too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import random
 import shutil
 import time
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..lm.base import LM, Message
 from ..settings import LoraSettings
-from .reports import TrainReport
+from .reports import TrainingCall, TrainReport
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +98,40 @@ def detach_adapter(peft_model, name: str, previous: str | None) -> None:
         peft_model.set_adapter(previous)
 
 
+def as_call(call: Sequence[Message] | TrainingCall) -> TrainingCall:
+    return call if isinstance(call, TrainingCall) else TrainingCall(call)
+
+
 def tokenize_chat(
-    tokenizer, render: Callable[[Sequence[Message]], str], messages: Sequence[Message]
+    tokenizer, render: Callable[[Sequence[Message]], str], messages: Sequence[Message], loss_from: int = 0
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one conversation whose last message is the assistant's reply."""
+    """Token ids and labels for one conversation whose last message is the assistant's reply; the labels
+    are -100 (no loss) on the prompt and on the reply's first `loss_from` characters."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("a training conversation must end with the assistant's reply")
+    content = messages[-1]["content"]
     prompt = render(messages[:-1])
-    full = tokenizer.apply_chat_template(list(messages), tokenize=False) if tokenizer.chat_template else prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
-    if not full.startswith(prompt):
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False) if tokenizer.chat_template else prompt + content + (tokenizer.eos_token or "")
+    if not full.startswith(prompt) or content not in full[len(prompt):]:
         # Some templates render the final assistant turn differently; fall back to prompt + reply + eos.
-        full = prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
+        full = prompt + content + (tokenizer.eos_token or "")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-    return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
+    reply = full[len(prompt):]
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    untaught = _untaught(tokenizer, reply, reply_ids, reply.index(content) + loss_from) if loss_from else 0
+    return prompt_ids + reply_ids, [-100] * (len(prompt_ids) + untaught) + reply_ids[untaught:]
+
+
+def _untaught(tokenizer, text: str, ids: Sequence[int], cut: int) -> int:
+    """How many of `ids` (the tokens of `text`) lie before character `cut`: a token that starts before it
+    is left untaught, so the loss begins at the first token wholly after it."""
+    if tokenizer.is_fast:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return sum(1 for start, _ in offsets if start < cut)
+    n = 0  # a slow tokenizer has no offsets: the longest run of tokens whose text ends by `cut`
+    while n < len(ids) and len(tokenizer.decode(ids[: n + 1])) <= cut:
+        n += 1
+    return n
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, floor: float) -> float:
@@ -143,6 +166,22 @@ def _micro_batches(rows: list[tuple[list[int], list[int]]], size: int, rng: rand
     groups = [order[i : i + size] for i in range(0, len(order), size)]
     rng.shuffle(groups)
     return groups
+
+
+def stratified(labels: Sequence[str], size: int, rng: random.Random) -> list[list[int]]:
+    """Indices in an order that spreads every class evenly over the epoch, in micro-batches of `size`: the
+    k-th of a class's n calls (shuffled) sits at (k + u) / n of the way, u drawn once per class. So any run
+    of consecutive calls, an optimizer step's, holds the classes in about their shares of the data."""
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    placed = []
+    for members in by_class.values():
+        rng.shuffle(members)
+        u = rng.random()
+        placed += [((k + u) / len(members), i) for k, i in enumerate(members)]
+    order = [i for _, i in sorted(placed)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def micro_batch_size(settings: LoraSettings, device: torch.device) -> int:
@@ -183,7 +222,7 @@ def train_lora(
     model,
     tokenizer,
     render: Callable[[Sequence[Message]], str],
-    conversations: Sequence[Sequence[Message]],
+    conversations: Sequence[Sequence[Message] | TrainingCall],
     out_dir: str | Path,
     settings: LoraSettings,
     adapter_name: str = "tandem_new",
@@ -207,10 +246,15 @@ def train_lora(
     """
     if not conversations:
         raise ValueError("no training conversations")
-    tokenized = [tokenize_chat(tokenizer, render, c) for c in conversations]
+    calls = [as_call(c) for c in conversations]
+    tokenized = [tokenize_chat(tokenizer, render, c.messages, c.loss_from) for c in calls]
     # A call longer than max_length is left out, never cut: cutting the prompt's left loses the
     # system message, cutting the reply teaches an unfinished answer.
-    rows = [row for row in tokenized if len(row[0]) <= settings.max_length]
+    fits = [i for i, row in enumerate(tokenized) if len(row[0]) <= settings.max_length]
+    rows = [tokenized[i] for i in fits]
+    # Stratified steps where every call names its class and there are several classes.
+    labels = [calls[i].group for i in fits]
+    labels = labels if settings.stratify and None not in labels and len(set(labels)) > 1 else None
     dropped = len(tokenized) - len(rows)
     if dropped:
         log.warning("LoRA: %d of %d training calls are longer than max_length=%d tokens and are left out",
@@ -260,7 +304,7 @@ def train_lora(
     try:
         micro = 0
         for _ in range(epochs):
-            groups = _micro_batches(rows, size, rng)  # the same order in every process
+            groups = stratified(labels, size, rng) if labels else _micro_batches(rows, size, rng)  # the same in every process
             mine = groups[rank::world]
             mine += groups[: per_epoch - len(mine)]  # every process takes as many steps (DDP waits on each)
             for group in mine:
@@ -324,7 +368,7 @@ def check_adapters(lm: LM, out_dir: str | Path, rank: int) -> None:
         check(out_dir, rank)
 
 
-def finetune(lm: LM, conversations: Sequence[Sequence[Message]], out_dir: str | Path, settings: LoraSettings,
+def finetune(lm: LM, conversations: Sequence[Sequence[Message] | TrainingCall], out_dir: str | Path, settings: LoraSettings,
              progress: bool = True, checkpoint_dir: str | Path | None = None) -> TrainReport:
     """Train one LoRA adapter on chat examples and save it (PEFT, safetensors) to `out_dir`, and checkpoints
     on the way to `checkpoint_dir` (see `train_lora`): on the model `lm` lends (`training(rank)`), or by

@@ -1,11 +1,32 @@
-"""What training takes and gives back, as plain data (no torch): a LoRA run's `TrainReport`, a policy
+"""What training takes and gives back, as plain data (no torch): a LoRA run's `TrainingCall`s and `TrainReport`, a policy
 update's `PolicyCall`s and `PolicyReport`. The scripted LM of the tests returns these too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ..lm.base import Message
+
+
+@dataclass(frozen=True)
+class TrainingCall:
+    """One chat example to train on, with what the loop may know of it besides its messages.
+
+    `group`: the class its answer names (a choice field's canonical value), where it has one: each
+    optimizer step then holds the classes in their proportions (`stratified`), so a step's gradient is
+    not the pull toward whichever class its few calls happen to share. `loss_from`: the character of the
+    reply where the loss starts: the reply before it (the reasoning) stays in the sequence, read by the
+    model, but is not taught (0: the whole reply is)."""
+
+    messages: Sequence[Message]
+    group: str | None = None
+    loss_from: int = 0
+
+    @classmethod
+    def of(cls, row: dict) -> "TrainingCall":
+        """A row of a weight step's train.jsonl."""
+        return cls(row["messages"], row.get("group"), row.get("loss_from", 0))
 
 
 @dataclass
