@@ -20,13 +20,14 @@ from tandem.training.reports import TrainingCall
 
 SIGNATURE = Predict("sentence -> action: stop|go|wait", "Say what a driver does at the light in the sentence.").signature
 ACTIONS = {"red": "stop", "green": "go", "yellow": "wait"}
-SEEN = ("light", "lamp", "signal", "bulb", "sign", "arrow")  # the nouns trained on; held-out sentences name others
-HELD_OUT = ("beacon", "glow", "torch")
+NOUNS = ("light", "lamp", "signal", "bulb", "sign", "arrow")
+# Held out: one sentence of each colour, each with a noun the training sentences pair with the other colours.
+HELD_OUT = {("lamp", "red"), ("sign", "green"), ("arrow", "yellow")}
 
 
-def rows(nouns):
-    return [({"sentence": f"The {noun} is {colour} now."}, action)
-            for noun, (colour, action) in itertools.product(nouns, ACTIONS.items())]
+def rows(held_out: bool):
+    return [({"sentence": f"The {noun} is {colour} now."}, ACTIONS[colour])
+            for noun, colour in itertools.product(NOUNS, ACTIONS) if ((noun, colour) in HELD_OUT) == held_out]
 
 
 def answers(lm, examples, adapter):
@@ -60,9 +61,9 @@ def learned(learner_dir, tmp_path_factory):
     base = {k: v.clone() for k, v in lm.model.state_dict().items()}
     conversations = [TrainingCall(render_messages(SIGNATURE, [], inputs)
                                   + [{"role": "assistant", "content": render_reply(SIGNATURE, {"action": a})}], a)
-                     for inputs, a in rows(SEEN)]
+                     for inputs, a in rows(held_out=False)]
     out = tmp_path_factory.mktemp("learn") / "adapter"
-    settings = LoraSettings(rank=8, alpha=16, learning_rate=1e-2, epochs=10, batch_size=3, micro_batch_size=3)
+    settings = LoraSettings(rank=8, alpha=16, learning_rate=2e-2, epochs=20, batch_size=3, micro_batch_size=3)
     report = finetune(lm, conversations, out, settings, progress=False)
     yield lm, base, out, report
     lm.close()
@@ -70,10 +71,10 @@ def learned(learner_dir, tmp_path_factory):
 
 def test_held_out_inputs_are_answered_by_the_one_token_that_decides(learned):
     lm, _, out, _ = learned
-    before = answers(lm, rows(HELD_OUT), None)
+    before = answers(lm, rows(held_out=False) + rows(held_out=True), None)
     assert len(set(before)) == 1  # the random model answers one action whatever the colour
-    assert answers(lm, rows(SEEN), str(out)) == [a for _, a in rows(SEEN)]
-    assert answers(lm, rows(HELD_OUT), str(out)) == [a for _, a in rows(HELD_OUT)]
+    assert answers(lm, rows(held_out=False), str(out)) == [a for _, a in rows(held_out=False)]
+    assert answers(lm, rows(held_out=True), str(out)) == [a for _, a in rows(held_out=True)]
 
 
 def test_training_moves_the_adapter_and_leaves_the_base_weights_alone(learned):
