@@ -38,3 +38,36 @@ def test_better_together_on_iris_with_the_embedded_model(cache_dir, tmp_path):
     assert [s["prefix"] for s in results["steps"]] == ["zero-shot", "p", "p-w", "p-w-p"]
     weight_step = results["steps"][2]["details"]
     assert weight_step["trained"] is False or (run_dir / "p-w" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_weight_step_on_gold_labels_learns_its_training_flowers(tmp_path):
+    """The embedded model, one flower of each species, a w+ step that rationalizes the two it gets wrong with
+    their gold species: the adapter answers all three right, where the model alone answers one species."""
+    from tandem import Predict, Program, load_lm
+    from tandem.optimizers import WeightSettings, bootstrap_finetune
+    from tandem.settings import ExtendedWeightSettings, LoraSettings
+    from tandem.tasks import load_task
+    from tandem.tasks.iris import FEATURES, INSTRUCTIONS, SPECIES
+
+    class Flowers(Program):
+        def __init__(self):
+            self.classify = Predict(f"{', '.join(FEATURES)} -> species: {'|'.join(SPECIES)}", INSTRUCTIONS)
+
+        def forward(self, run, **measurements):
+            return self.classify(run, **measurements)
+
+    task = load_task("iris")
+    train = [next(r for r in task.train if r.species == s) for s in SPECIES]
+    lm = load_lm("smollm2-135m", dtype="float32")
+    settings = WeightSettings(lora=LoraSettings(learning_rate=3e-3, batch_size=3, epochs=1, min_steps=60,
+                                                checkpoint_every=20), extended=ExtendedWeightSettings(samples=0),
+                              min_calls=3, train_curve=3)
+    result = bootstrap_finetune(Flowers(), lm, train, train, task.metric, settings, out_dir=tmp_path, progress=False,
+                                extended=True)
+    start, *trained = result.checkpoints
+    assert result.conversations == 3 and start.train < 50  # the model alone answers one species
+    assert max(c.train for c in trained) == 100.0  # a checkpoint answers all three right
+    kept = next(c for c in result.checkpoints if c.step == result.kept_step)
+    assert kept.train == 100.0 and kept.val == 100.0  # val is the training flowers here: it keeps one
+    lm.close()

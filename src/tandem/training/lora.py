@@ -271,6 +271,8 @@ def train_lora(
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     batch = max(size * world, min(settings.batch_size, len(rows) // 2))
+    if labels:  # ... but never below one call of each class: a step of one class pulls toward that class alone
+        batch = max(batch, min(len(set(labels)), len(rows)))
     accumulate = max(1, batch // (size * world))  # micro-batches per process and step
     per_epoch = math.ceil(math.ceil(len(rows) / size) / world)
     # Few calls make few steps (6 calls, 2 epochs: 2 steps), too few to move the weights: repeat the
