@@ -247,11 +247,12 @@ def test_a_weight_step_that_answers_one_class_is_flagged_as_collapsed(tmp_path):
     lm = ScriptedLM(reply, trainable=True)
     val = flowers("val", 6)
     by_val = better_together(Classify(), lm, "p -> w", flowers("train", 6), val, flowers("test", 3), metric,
-                             OptimizeSettings(), run_dir=tmp_path / "best", progress=False)
+                             OptimizeSettings(weights=WeightSettings(min_calls=1)), run_dir=tmp_path / "best",
+                             progress=False)
     assert by_val.steps[2].val_answers == by_val.steps[1].val_answers and by_val.steps[2].val == by_val.steps[1].val
     assert by_val.steps[2].details["notes"][-1].startswith("kept the start: no checkpoint beat its val 100.0 (step 1 "
                                                            "(epoch 1): val 33.3, collapsed: 'setosa' for 6/6;")
-    last = WeightSettings(keep_checkpoint="last")
+    last = WeightSettings(keep_checkpoint="last", min_calls=1)
     result = better_together(Classify(), lm, "p -> w", flowers("train", 6), val, flowers("test", 3), metric,
                              OptimizeSettings(weights=last), run_dir=tmp_path, progress=False)
     prompts, weights = result.steps[1], result.steps[2]

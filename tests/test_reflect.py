@@ -14,7 +14,7 @@ from tandem.evaluate import ExampleResult
 from tandem.optimizers import OptimizeSettings, better_together
 from tandem.optimizers.reflect import JOURNAL, evolve_instructions, feedback_text
 from tandem.program import Prediction, TraceEntry
-from tandem.settings import ReflectionSettings
+from tandem.settings import ReflectionSettings, WeightSettings
 
 REASONING = "Reasoning: I read the level off the instructions above"  # a chain of thought needs 5 words
 
@@ -153,7 +153,7 @@ def test_g_then_w_trains_on_prompts_with_the_evolved_instructions(tmp_path):
 
     lm = ScriptedLM(answers, trainable=True)
     reflection = ScriptedLM(lambda r: f"```\nLevel {level(current(r)) + 1}\n```")
-    settings = OptimizeSettings(generation=GenerationSettings(threads=2),
+    settings = OptimizeSettings(generation=GenerationSettings(threads=2), weights=WeightSettings(min_calls=1),
                                 reflection=ReflectionSettings(max_metric_calls=14, reflection_minibatch_size=2))
     result = better_together(Solve(), lm, "g -> w", questions("t", 4), questions("v", 3), questions("x", 2), exact,
                              settings, run_dir=tmp_path, progress=False, reflection_lm=reflection)

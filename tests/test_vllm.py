@@ -183,7 +183,8 @@ def test_a_weight_step_on_the_server_loads_its_adapter_at_runtime(server, local,
     engine.check_adapters(tmp_path, 4)  # the server loads a test adapter from where this test writes
     train = [Example(word=w, reply="ok", inputs=("word",)) for w in ("one", "two")]
     # every reply scores 1: kept by val, the start would tie every checkpoint and be kept; this is about the adapter
-    settings = WeightSettings(lora=LoraSettings(rank=4, alpha=8, epochs=1), metric_threshold=0.0, keep_checkpoint="last")
+    settings = WeightSettings(lora=LoraSettings(rank=4, alpha=8, epochs=1), metric_threshold=0.0, keep_checkpoint="last",
+                              min_calls=1)
     generation = GenerationSettings(max_new_tokens=8, constrained=False)
     result = bootstrap_finetune(Echo(), _AlwaysParses(engine), train, train, lambda e, p: 1.0, settings,
                                 out_dir=tmp_path, generation=generation, progress=False)

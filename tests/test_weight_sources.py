@@ -42,10 +42,10 @@ def reply(request):
     return "Reasoning: a guess from the first letter\nLabel: a"
 
 
-def finetune(tmp_path, extended, respond=reply, program=None, examples=None, score=metric, **options):
+def finetune(tmp_path, extended, respond=reply, program=None, examples=None, score=metric, least=1, **options):
     lm = ScriptedLM(respond, trainable=True)
     # The data a step trains on, not which checkpoint it keeps (tests/test_checkpoints.py): no val runs.
-    settings = WeightSettings(extended=ExtendedWeightSettings(**options), keep_checkpoint="last", min_calls=1)
+    settings = WeightSettings(extended=ExtendedWeightSettings(**options), keep_checkpoint="last", min_calls=least)
     examples = examples or data()
     result = bootstrap_finetune(program or Classify(), lm, examples, examples, score, settings, out_dir=tmp_path,
                                 progress=False, extended=extended)
@@ -54,7 +54,7 @@ def finetune(tmp_path, extended, respond=reply, program=None, examples=None, sco
 
 
 def test_the_paper_step_trains_on_exactly_the_passing_greedy_runs(tmp_path):
-    lm, result, rows = finetune(tmp_path, extended=False)
+    lm, result, rows = finetune(tmp_path, extended=False, least=2)
     assert len(lm.requests) == len(GOLDS)  # one greedy run per example, nothing else
     assert all(r.temperature == 0 and "Hint" not in r.messages[-1]["content"] for r in lm.requests)
     assert result.sources == {"runs": 4} and result.conversations == 4
@@ -254,7 +254,7 @@ def test_reasoning_that_argues_for_another_class(tmp_path):
         return right(request, other if item < 3 else None)
 
     # the whole reply taught (the paper) and every run argues against its answer: nothing to learn
-    lm, result, _ = weight_step(tmp_path / "all", lambda r: right(r, other), min_calls=1, reasoning="all")
+    lm, result, _ = weight_step(tmp_path / "all", lambda r: right(r, other), min_calls=2, reasoning="all")
     assert not result.trained and lm.finetuned == []
     assert result.notes[0] == ("too little to learn from: the reasoning of all 6 runs names another class than "
                                "their answer; --reasoning answer teaches the answers alone")

@@ -198,8 +198,9 @@ class WeightSettings(Settings):
     train_curve: int = setting(20, "training examples a weight step also scores at every checkpoint, for its "
                                    "learning curve (train beside val in the report; never used to choose); 0: none",
                                ge=0)
-    min_calls: int = setting(8, "fewest training calls a weight step trains on; with fewer (or one class only) it says "
-                                "so in one line and returns its program unchanged", ge=1)
+    min_calls: int = setting(8, "fewest training calls a weight step trains on; with fewer, one class only, or reasoning "
+                                "against every answer it says so in one line and returns its program unchanged (1: "
+                                "trains on whatever it gathered)", ge=1)
     reasoning: str = setting("answer", "what a weight step teaches of a chain-of-thought reply: answer, the answer "
                                        "only (the reasoning stays in each training call as the context the model "
                                        "read, untaught, so reasoning that argues for another class teaches "

@@ -350,7 +350,9 @@ def too_little(rows: Sequence[dict[str, Any]], runs: int, contradicting: int, ex
     """Why these training calls are too little to learn from, in one line that names the count and what
     gives more; None where they are enough. Too few calls, one class only (an adapter would learn to answer
     it whatever the input), or, where the whole reply is taught, reasoning that argues against the answer in
-    every run."""
+    every run. `least` <= 1 (`--min-calls 1`) asks for none of these checks."""
+    if least <= 1:  # --min-calls 1: train on whatever was gathered
+        return None
     more = "--train-size (more examples)" if extended else "a w+ step (sampled and rationalized runs) or --train-size"
     if len(rows) < least:
         return f"too little to learn from: {len(rows)} training calls, fewer than --min-calls {least}; {more} gives more"
