@@ -411,11 +411,12 @@ def bootstrap_finetune(
                             trace_failures=gathered.failures, balance_dropped=dropped,
                             hint_dropped=gathered.hint_dropped)
 
-    contradicting = sum(contradicts(k.trace, program) for k in kept)
+    against = [contradicts(k.trace, program) for k in kept]
+    contradicting = sum(against)
     if settings.reasoning == "consistent" and contradicting:
         notes.append(f"reasoning: left out {contradicting} runs whose reasoning names another class than their "
                      "answer")
-        kept = [k for k in kept if not contradicts(k.trace, program)]
+        kept = [k for k, bad in zip(kept, against) if not bad]
     rows = training_conversations(program, [k.trace for k in kept], settings.with_demos, [k.source for k in kept],
                                   settings.reasoning)
     with open(out_dir / "train.jsonl", "w") as f:  # written either way: what was gathered can be read

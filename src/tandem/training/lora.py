@@ -117,17 +117,20 @@ def tokenize_chat(
         full = prompt + content + (tokenizer.eos_token or "")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reply = full[len(prompt):]
-    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
-    untaught = _untaught(tokenizer, reply, reply_ids, reply.index(content) + loss_from) if loss_from else 0
+    # Offsets (fast tokenizers) say where each reply token starts, for `loss_from`; asked for in the one call.
+    encoded = tokenizer(reply, add_special_tokens=False, return_offsets_mapping=bool(loss_from and tokenizer.is_fast))
+    reply_ids = encoded["input_ids"]
+    untaught = _untaught(tokenizer, encoded, reply.index(content) + loss_from) if loss_from else 0
     return prompt_ids + reply_ids, [-100] * (len(prompt_ids) + untaught) + reply_ids[untaught:]
 
 
-def _untaught(tokenizer, text: str, ids: Sequence[int], cut: int) -> int:
-    """How many of `ids` (the tokens of `text`) lie before character `cut`: a token that starts before it
-    is left untaught, so the loss begins at the first token wholly after it."""
-    if tokenizer.is_fast:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return sum(1 for start, _ in offsets if start < cut)
+def _untaught(tokenizer, encoded, cut: int) -> int:
+    """How many of the reply's tokens (`encoded`, with offsets where the tokenizer gives them) lie before
+    character `cut`: a token that starts before it is left untaught, so the loss begins at the first token
+    wholly after it."""
+    if "offset_mapping" in encoded:
+        return sum(1 for start, _ in encoded["offset_mapping"] if start < cut)
+    ids = encoded["input_ids"]
     n = 0  # a slow tokenizer has no offsets: the longest run of tokens whose text ends by `cut`
     while n < len(ids) and len(tokenizer.decode(ids[: n + 1])) <= cut:
         n += 1
