@@ -294,12 +294,12 @@ class JobSettings(Settings):
 # 100 steps of 2, it never left chance (docs/RESULTS.md). A 7B model wants a lower rate (--learning-rate 2e-4).
 BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": dict(train_size=15, val_size=20, test_size=50, num_candidates=2, max_bootstrapped_demos=3,
-                 max_labeled_demos=3, epochs=2, learning_rate=3e-3, batch_size=6, rank=16, alpha=32, max_new_tokens=96,
+                 max_labeled_demos=3, epochs=2, learning_rate=2e-3, batch_size=6, rank=16, alpha=128, max_new_tokens=96,
                  rounds=4, round_examples=6, group_size=8, policy_learning_rate=5e-4, val_every=2,
                  max_metric_calls=46, reflection_max_tokens=128, checkpoint_every=4),
     "small": dict(train_size=50, val_size=50, test_size=100, num_candidates=4, max_bootstrapped_demos=3,
-                  max_labeled_demos=3, epochs=3, learning_rate=3e-3, batch_size=6, min_steps=96, warmup_ratio=0.05,
-                  checkpoint_every=12, rank=16, alpha=32, max_new_tokens=256,
+                  max_labeled_demos=3, epochs=3, learning_rate=2e-3, batch_size=6, min_steps=54, warmup_ratio=0.05,
+                  checkpoint_every=12, rank=16, alpha=128, max_new_tokens=256,
                   rounds=8, round_examples=8, group_size=8, policy_learning_rate=2e-4, val_every=2,
                   max_metric_calls=250, reflection_max_tokens=512),
     "paper": dict(train_size=100, val_size=250, test_size=1500, num_candidates=6, max_bootstrapped_demos=3,
