@@ -60,6 +60,31 @@ def test_loss_from_leaves_the_reasoning_in_the_sequence_untaught(tiny_model_dir)
     lm.close()
 
 
+def test_the_loss_from_the_taught_positions_alone_equals_the_loss_from_all_logits(tiny_model_dir):
+    """reply_loss asks the model for logits only from the first taught token on (`logits_to_keep`): the
+    same per-call losses as from the whole sequence's logits, rows of unequal length padded on the right."""
+    import contextlib
+
+    from tandem.training import lora
+
+    lm = LocalLM(tiny_model_dir, dtype="float32")
+    reply = "Reasoning: the sky is up there, so blue\nColor: blue"
+    long = conversations()[0][:-1] + [{"role": "assistant", "content": reply}]
+    rows = [tokenize_chat(lm.tokenizer, lm.prompt_text, long, loss_from=reply.index("Color:")),
+            tokenize_chat(lm.tokenizer, lm.prompt_text, conversations()[1])]
+    assert len(rows[0][0]) != len(rows[1][0])
+    pad = lm.tokenizer.pad_token_id
+    kept = lora.reply_loss(lm.model, rows, pad, "cpu", contextlib.nullcontext())
+    assert lora._keep_logits(lm.model, 5) == {"logits_to_keep": 5}
+
+    def whole(input_ids, attention_mask, **ignored):
+        return lm.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    assert lora.reply_loss(whole, rows, pad, "cpu", contextlib.nullcontext()).tolist() == pytest.approx(kept.tolist(),
+                                                                                                        rel=1e-5)
+    lm.close()
+
+
 def test_stratified_steps_hold_the_classes_in_their_shares():
     import random
 

@@ -230,7 +230,8 @@ def _keep_logits(forward, keep: int) -> dict:
     """`logits_to_keep=keep` where the model's forward takes it (transformers' causal LMs do), else nothing."""
     model = getattr(forward, "module", forward)  # inside DDP
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside peft
-    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    takes = inspect.signature(getattr(model, "forward", model)).parameters
+    return {"logits_to_keep": keep} if "logits_to_keep" in takes else {}
 
 
 def train_lora(
