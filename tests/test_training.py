@@ -74,8 +74,15 @@ def test_the_loss_from_the_taught_positions_alone_equals_the_loss_from_all_logit
             tokenize_chat(lm.tokenizer, lm.prompt_text, conversations()[1])]
     assert len(rows[0][0]) != len(rows[1][0])
     pad = lm.tokenizer.pad_token_id
-    kept = lora.reply_loss(lm.model, rows, pad, "cpu", contextlib.nullcontext())
-    assert lora._keep_logits(lm.model, 5) == {"logits_to_keep": 5}
+    widths = []
+
+    def spy(input_ids, attention_mask, logits_to_keep):
+        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+        widths.append((out.logits.shape[1], input_ids.shape[1]))
+        return out
+
+    kept = lora.reply_loss(spy, rows, pad, "cpu", contextlib.nullcontext())
+    assert widths[0][0] < widths[0][1]  # fewer positions than the sequence's
 
     def whole(input_ids, attention_mask, **ignored):
         return lm.model(input_ids=input_ids, attention_mask=attention_mask)

@@ -9,7 +9,6 @@ so that padding stays small. The adapter's attach, save and detach serve policy 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -219,19 +218,11 @@ def reply_loss(forward, rows: Sequence[tuple[list[int], list[int]]], pad: int, d
     first = min(next((i for i, t in enumerate(r[1]) if t != -100), len(r[1])) for r in rows)
     keep = ids.shape[1] - max(first - 1, 0)
     with autocast:
-        logits = forward(input_ids=ids, attention_mask=mask, **_keep_logits(forward, keep)).logits
+        logits = forward(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
     targets = labels[:, ids.shape[1] - logits.shape[1] + 1 :]
     per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
                                                   reduction="none")
     return per_token.sum(1) / (targets != -100).sum(1).clamp(min=1)
-
-
-def _keep_logits(forward, keep: int) -> dict:
-    """`logits_to_keep=keep` where the model's forward takes it (transformers' causal LMs do), else nothing."""
-    model = getattr(forward, "module", forward)  # inside DDP
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside peft
-    takes = inspect.signature(getattr(model, "forward", model)).parameters
-    return {"logits_to_keep": keep} if "logits_to_keep" in takes else {}
 
 
 def train_lora(
