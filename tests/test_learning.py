@@ -87,3 +87,49 @@ def test_training_moves_the_adapter_and_leaves_the_base_weights_alone(learned):
     assert now.keys() == base.keys()
     assert all((now[k] == base[k]).all() for k in base)
     assert report.last_loss < 0.2 * report.first_loss
+
+
+def reasoned(noun, colour, action):
+    """A chain-of-thought call whose answer alone is taught: the reasoning before it stays as context."""
+    reply = f"Reasoning: the {noun} is lit and the driver looks at it.\nAction: {action}"
+    messages = render_messages(SIGNATURE, [], {"sentence": f"The {noun} is {colour} now."})
+    return TrainingCall(messages + [{"role": "assistant", "content": reply}], action, reply.index("Action:"))
+
+
+def reasoning_drift_and_answers(lm, learner_dir, adapter, calls):
+    """The mean KL(base || adapted) over the calls' reasoning tokens, and whether the adapted model's greedy
+    token is the taught one at every taught position (the answer, teacher-forced), per call."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tandem.training.lora import tokenize_chat
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(learner_dir), str(adapter)).eval()
+    drift, right = [], []
+    for call in calls:
+        ids, labels, start = tokenize_chat(lm.tokenizer, lm.prompt_text, call.messages, call.loss_from)
+        taught = [i for i, t in enumerate(labels) if t != -100]
+        with torch.no_grad():
+            adapted = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+            with model.disable_adapter():
+                base = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+        drift.append(float((base.exp() * (base - adapted)).sum(-1)[start - 1 : taught[0] - 1].mean()))
+        right.append(all(int(adapted[i - 1].argmax()) == labels[i] for i in taught))
+    return sum(drift) / len(drift), right
+
+
+def test_the_untaught_kl_term_holds_the_reasoning_while_the_answer_is_learned(learner_dir, tmp_path):
+    """Teaching a chain of thought's answer alone moves what the model predicts at the reasoning tokens too
+    (one adapter acts at every position); `untaught_kl` holds them near the base model's, and the answers
+    are learned all the same."""
+    lm = LocalLM(learner_dir, dtype="float32")
+    calls = [reasoned(noun, colour, ACTIONS[colour]) for noun, colour in itertools.product(NOUNS[:4], ACTIONS)]
+    drift, right = {}, {}
+    for hold in (0.0, 1.0):
+        settings = LoraSettings(rank=8, alpha=16, learning_rate=2e-2, epochs=20, batch_size=3, micro_batch_size=3,
+                                untaught_kl=hold)
+        finetune(lm, calls, tmp_path / f"hold-{hold}", settings, progress=False)
+        drift[hold], right[hold] = reasoning_drift_and_answers(lm, learner_dir, tmp_path / f"hold-{hold}", calls)
+    lm.close()
+    assert all(right[1.0]), right  # (without the term, 4 of 12 were still wrong after the same 20 epochs)
+    assert drift[1.0] < 0.1 * drift[0.0], drift  # measured: 0.018 nats a token against 2.6

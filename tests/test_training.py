@@ -39,7 +39,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 def test_loss_is_only_on_the_assistant_reply(tiny_model_dir):
     lm = LocalLM(tiny_model_dir, dtype="float32")
-    ids, labels = tokenize_chat(lm.tokenizer, lm.prompt_text, conversations()[0])
+    ids, labels, _ = tokenize_chat(lm.tokenizer, lm.prompt_text, conversations()[0])
     target = [t for t in labels if t != -100]
     assert len(ids) == len(labels) and 0 < len(target) < len(ids)
     assert lm.tokenizer.decode(target).startswith("Color: blue")
@@ -51,8 +51,8 @@ def test_loss_from_leaves_the_reasoning_in_the_sequence_untaught(tiny_model_dir)
     lm = LocalLM(tiny_model_dir, dtype="float32")
     reply = "Reasoning: the sky is up there, so blue\nColor: blue"
     conversation = conversations()[0][:-1] + [{"role": "assistant", "content": reply}]
-    whole_ids, whole = tokenize_chat(lm.tokenizer, lm.prompt_text, conversation)
-    ids, labels = tokenize_chat(lm.tokenizer, lm.prompt_text, conversation, loss_from=reply.index("Color:"))
+    whole_ids, whole, _ = tokenize_chat(lm.tokenizer, lm.prompt_text, conversation)
+    ids, labels, _ = tokenize_chat(lm.tokenizer, lm.prompt_text, conversation, loss_from=reply.index("Color:"))
     assert ids == whole_ids  # the same sequence: only what is taught differs
     taught = [t for t in labels if t != -100]
     assert lm.tokenizer.decode(taught).startswith("Color: blue") and "sky" not in lm.tokenizer.decode(taught)
@@ -89,6 +89,45 @@ def test_the_loss_from_the_taught_positions_alone_equals_the_loss_from_all_logit
 
     assert lora.reply_loss(whole, rows, pad, "cpu", contextlib.nullcontext()).tolist() == pytest.approx(kept.tolist(),
                                                                                                         rel=1e-5)
+    lm.close()
+
+
+def test_the_untaught_kl_term_is_the_divergence_at_the_reasoning_tokens_alone(tiny_model_dir):
+    """With `hold`, each call's loss adds hold times its mean KL(base || model) over the reply's untaught
+    tokens: none from the prompt, none from the taught answer, nothing from a call without reasoning, and
+    nothing at all while the model is its base."""
+    import contextlib
+
+    import torch
+
+    from tandem.training import lora
+
+    lm = LocalLM(tiny_model_dir, dtype="float32")
+    reply = "Reasoning: the sky is up there, so blue\nColor: blue"
+    long = conversations()[0][:-1] + [{"role": "assistant", "content": reply}]
+    rows = [tokenize_chat(lm.tokenizer, lm.prompt_text, long, loss_from=reply.index("Color:")),
+            tokenize_chat(lm.tokenizer, lm.prompt_text, conversations()[1])]
+    pad, cpu = lm.tokenizer.pad_token_id, contextlib.nullcontext()
+    plain = lora.reply_loss(lm.model, rows, pad, "cpu", cpu)
+    assert lora.reply_loss(lm.model, rows, pad, "cpu", cpu, 2.0, lm.model).tolist() == pytest.approx(plain.tolist())
+
+    def shifted(input_ids, attention_mask, logits_to_keep):  # a "base" whose every distribution differs
+        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+        out.logits = out.logits * 0.5 + torch.linspace(0, 1, out.logits.shape[-1])
+        return out
+
+    held = lora.reply_loss(lm.model, rows, pad, "cpu", cpu, 2.0, shifted)
+    assert float(held[1]) == pytest.approx(float(plain[1]))  # no untaught reply tokens: no term
+    ids, labels, start = rows[0]
+    taught = next(i for i, t in enumerate(labels) if t != -100)
+    assert start < taught
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([ids])).logits[0]
+    ref = torch.log_softmax(logits * 0.5 + torch.linspace(0, 1, logits.shape[-1]), -1)[start - 1 : taught - 1]
+    mine = torch.log_softmax(logits, -1)[start - 1 : taught - 1]
+    expected = (ref.exp() * (ref - mine)).sum(-1).mean()
+    assert float(held[0] - plain[0]) == pytest.approx(2.0 * float(expected), rel=1e-4)
+    assert float(expected) > 0.01
     lm.close()
 
 

@@ -2,9 +2,11 @@
 
 One loop, used by BootstrapFinetune (w, w+) and the DSPy provider through `training.finetune`.
 Loss is taken on the assistant reply only, or on its end from `TrainingCall.loss_from` (the answer after
-the reasoning). Calls that name their answer's class (`TrainingCall.group`) are ordered so that every
-optimizer step holds the classes in their proportions; others are grouped by length into micro-batches
-so that padding stays small. The adapter's attach, save and detach serve policy updates too.
+the reasoning); the reply's untaught start can be held to the base model's distribution by a KL term
+(`LoraSettings.untaught_kl`), so that teaching the answer does not rewrite the reasoning before it. Calls
+that name their answer's class (`TrainingCall.group`) are ordered so that every optimizer step holds the
+classes in their proportions; others are grouped by length into micro-batches so that padding stays small.
+The adapter's attach, save and detach serve policy updates too.
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ def as_call(call: Sequence[Message] | TrainingCall) -> TrainingCall:
 
 def tokenize_chat(
     tokenizer, render: Callable[[Sequence[Message]], str], messages: Sequence[Message], loss_from: int = 0
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one conversation whose last message is the assistant's reply; the labels
-    are -100 (no loss) on the prompt and on the reply's first `loss_from` characters."""
+) -> tuple[list[int], list[int], int]:
+    """Token ids, labels and the index of the reply's first token, for one conversation whose last message
+    is the assistant's reply; the labels are -100 (no loss) on the prompt and on the reply's first
+    `loss_from` characters."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("a training conversation must end with the assistant's reply")
     content = messages[-1]["content"]
@@ -121,7 +124,7 @@ def tokenize_chat(
     encoded = tokenizer(reply, add_special_tokens=False, return_offsets_mapping=bool(loss_from and tokenizer.is_fast))
     reply_ids = encoded["input_ids"]
     untaught = _untaught(tokenizer, encoded, reply.index(content) + loss_from) if loss_from else 0
-    return prompt_ids + reply_ids, [-100] * (len(prompt_ids) + untaught) + reply_ids[untaught:]
+    return prompt_ids + reply_ids, [-100] * (len(prompt_ids) + untaught) + reply_ids[untaught:], len(prompt_ids)
 
 
 def _untaught(tokenizer, encoded, cut: int) -> int:
@@ -205,24 +208,43 @@ def pad_rows(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Ten
     return ids, mask
 
 
-def reply_loss(forward, rows: Sequence[tuple[list[int], list[int]]], pad: int, device, autocast) -> torch.Tensor:
+def reply_loss(forward, rows: Sequence[tuple[list[int], list[int], int]], pad: int, device, autocast,
+               hold: float = 0.0, base: Callable | None = None) -> torch.Tensor:
     """Each call's mean token loss on its reply (labels -100 elsewhere), one value per call of the micro-batch.
 
     The mean is taken per call, not over the micro-batch's tokens, so a call weighs the same whatever it
     is batched with: summed over a step's calls and divided by their number, the loss (and its gradient)
-    is the one micro-batches of one call give, at any micro-batch size."""
+    is the one micro-batches of one call give, at any micro-batch size.
+
+    `hold` > 0 adds, times `hold`, each call's mean KL divergence from `base` (the same model with the
+    adapter switched off, called without gradients) to the model, over the vocabulary, at the reply's
+    untaught tokens (from the row's reply start to its first taught token): the reasoning a chain of
+    thought's call keeps as context stays the base model's while the answer after it is taught."""
     ids, mask = pad_rows([r[0] for r in rows], pad, device)
     labels, _ = pad_rows([r[1] for r in rows], -100, device)
-    # Logits only from the position before the first taught token on: the prompt's positions need none, and
-    # the output layer over a 49k vocabulary is a fifth of a small model's work per token.
-    first = min(next((i for i, t in enumerate(r[1]) if t != -100), len(r[1])) for r in rows)
-    keep = ids.shape[1] - max(first - 1, 0)
+    taught_from = [next((i for i, t in enumerate(r[1]) if t != -100), len(r[1])) for r in rows]
+    held_from = [min(r[2], f) for r, f in zip(rows, taught_from)] if hold and base is not None else taught_from
+    # Logits only from the position before the first token that needs them on: the prompt's positions need
+    # none, and the output layer over a 49k vocabulary is a fifth of a small model's work per token.
+    keep = ids.shape[1] - max(min(held_from) - 1, 0)
     with autocast:
         logits = forward(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-    targets = labels[:, ids.shape[1] - logits.shape[1] + 1 :]
+    start = ids.shape[1] - logits.shape[1] + 1  # the index of the token logits[:, 0] predicts
+    targets = labels[:, start:]
     per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
                                                   reduction="none")
-    return per_token.sum(1) / (targets != -100).sum(1).clamp(min=1)
+    loss = per_token.sum(1) / (targets != -100).sum(1).clamp(min=1)
+    if held_from == taught_from:
+        return loss
+    predicted = torch.arange(start, ids.shape[1], device=device)
+    held = (predicted >= torch.tensor(held_from, device=device)[:, None]) & (
+        predicted < torch.tensor(taught_from, device=device)[:, None])
+    with torch.no_grad(), autocast:
+        reference = base(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1][held].float()
+    divergence = torch.nn.functional.kl_div(torch.log_softmax(logits[:, :-1][held].float(), -1),
+                                            torch.log_softmax(reference, -1), log_target=True, reduction="none").sum(-1)
+    per_call = torch.zeros(len(rows), device=device).index_add(0, held.nonzero()[:, 0], divergence)
+    return loss + hold * per_call / held.sum(1).clamp(min=1)
 
 
 def train_lora(
@@ -302,6 +324,10 @@ def train_lora(
         forward, optimizer = accelerator.prepare(peft_model, optimizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    def base(**inputs):  # the reference of the untaught tokens' KL term: the model without the adapter
+        with peft_model.disable_adapter():
+            return peft_model(**inputs)
+
     losses: list[float] = []
     rates: list[float] = []
     step_losses: list[float] = []  # the mean of each optimizer step's micro-batches
@@ -317,7 +343,8 @@ def train_lora(
             mine = groups[rank::world]
             mine += groups[: per_epoch - len(mine)]  # every process takes as many steps (DDP waits on each)
             for group in mine:
-                per_call = reply_loss(forward, [rows[i] for i in group], pad, device, autocast)
+                per_call = reply_loss(forward, [rows[i] for i in group], pad, device, autocast, settings.untaught_kl,
+                                      base)
                 loss = per_call.sum() / (accumulate * size)  # a step's calls weigh alike at any micro-batch size
                 if accelerator is not None:
                     accelerator.backward(loss)
