@@ -16,10 +16,11 @@ pytest.importorskip("openai")
 
 from standins import DROP, FakeVLLM, reply_text  # noqa: E402
 
-from tandem.lm import Request  # noqa: E402
+from tandem.errors import EngineError  # noqa: E402
+from tandem.lm import Request, load_lm  # noqa: E402
 from tandem.lm.cache import CachedLM, adapter_digest  # noqa: E402
 from tandem.lm.openai_server import OpenAIEngine  # noqa: E402
-from tandem.lm.servers import Pool, Server, prefix_key  # noqa: E402
+from tandem.lm.servers import STRIKES, Pool, Server, prefix_key  # noqa: E402
 
 
 def ask(question: str, system: str = "Be brief.", adapter: str | None = None) -> Request:
@@ -279,6 +280,94 @@ def test_a_server_that_keeps_timing_out_is_taken_out_and_its_calls_go_to_another
         assert [c.text for c in completions] == [reply_text("m", list(r.messages)) for r in requests]
         assert not engine.servers[0].alive and engine.servers[1].alive and engine.retries >= 3
         engine.close()
+
+
+ENGINE_DEAD = {"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+                         "type": "InternalServerError", "code": 500}}
+
+
+@pytest.mark.parametrize("status, body, at_once", [
+    (500, ENGINE_DEAD, True),  # vLLM's answer once its engine process died: the server exits next
+    (502, b"<html>502 Bad Gateway</html>", False),  # a proxy with no server behind it
+    (503, {"error": {"message": "Service Unavailable"}}, False),
+    (504, b"<html>504 Gateway Time-out</html>", False),
+])
+def test_a_server_that_answers_it_is_not_serving_is_taken_out_and_its_calls_go_to_another(status, body, at_once):
+    down = threading.Event()
+
+    def not_serving(method, path, _):
+        if path == "/v1/chat/completions" and down.is_set():
+            return status, body
+
+    with FakeVLLM(hook=not_serving) as bad, FakeVLLM() as fine:
+        engine = OpenAIEngine("m", [bad.url, fine.url], max_retries=0, timeout=5, concurrency=1)  # one at a time
+        down.set()
+        requests = [ask("q", f"instructions {i}") for i in range(12)]
+        assert any(engine.pool.pick(prefix_key(r)) is engine.servers[0] for r in requests)
+        completions = engine.generate(requests)
+        assert [c.text for c in completions] == [reply_text("m", list(r.messages)) for r in requests]
+        assert not engine.servers[0].alive and engine.servers[1].alive
+        assert engine.retries == (1 if at_once else STRIKES)
+        engine.close()
+
+
+def test_an_error_answer_about_the_request_stops_the_step_and_leaves_the_server_in():
+    started = threading.Event()
+
+    def broken(method, path, _):
+        if path == "/v1/chat/completions" and started.is_set():
+            return 500, {"error": {"message": "list index out of range", "type": "InternalServerError", "code": 500}}
+
+    with FakeVLLM(hook=broken) as server, FakeVLLM() as other:
+        engine = OpenAIEngine("m", [server.url, other.url], max_retries=0, timeout=5)
+        started.set()
+        chats = other.chats
+        request = next(r for r in (ask("q", f"instructions {i}") for i in range(50))
+                       if engine.pool.pick(prefix_key(r)) is engine.servers[0])
+        with pytest.raises(EngineError, match=f"the server at {server.url}.*list index out of range"):
+            engine.generate([request])
+        assert engine.servers[0].alive and engine.retries == 0 and other.chats == chats
+        engine.close()
+
+
+def test_a_request_that_times_out_where_others_are_answered_stops_the_step():
+    """The server answers every other request meanwhile, so it stays in, and this request is the trouble."""
+    def long_reply(method, path, body):
+        if path == "/v1/chat/completions" and "too long" in json.dumps(body.get("messages")):
+            time.sleep(1.5)
+
+    with FakeVLLM(hook=long_reply) as server:
+        engine = OpenAIEngine("m", server.url, max_retries=0, timeout=1.0)
+        done = threading.Event()
+
+        def others():
+            while not done.is_set():
+                engine.generate([ask(f"quick {time.time()}")])
+                time.sleep(0.05)
+
+        worker = threading.Thread(target=others)
+        worker.start()
+        try:
+            with pytest.raises(EngineError, match=f"a request went unanswered {STRIKES} times.*{server.url}"):
+                engine.generate([ask("too long")])
+        finally:
+            done.set()
+            worker.join()
+        assert engine.servers[0].alive
+        engine.close()
+
+
+def test_request_timeout_reaches_every_servers_client():
+    with FakeVLLM() as a, FakeVLLM() as b:
+        engine = load_lm("m", engine="openai", base_url=(a.url, b.url), request_timeout=7.5)
+        assert [s.client.timeout for s in engine.servers] == [7.5, 7.5]
+        engine.close()
+
+
+def test_a_gateway_without_its_server_is_said_so_at_the_start():
+    with FakeVLLM(hook=lambda method, path, _: (502, b"<html>502 Bad Gateway</html>")) as gateway:
+        with pytest.raises(EngineError, match=f"the server at {gateway.url} is not serving: .* 502 Bad Gateway"):
+            OpenAIEngine("m", gateway.url, max_retries=0, timeout=5)
 
 
 def test_a_server_that_refuses_is_taken_out_at_once_and_put_back_when_it_answers(tmp_path):

@@ -105,6 +105,10 @@ class EngineSettings(Settings):
     eager: bool = setting(True, "vllm engine: no torch.compile or CUDA graphs (starts in seconds; turn off for long "
                                 "GPU runs)")
     concurrency: int = setting(32, "openai engine: requests in flight at once", ge=1)
+    request_timeout: float = setting(600.0, "openai engine: seconds one reply may take; the client then asks again, 4 "
+                                            "times in all, before the request counts as unanswered (a server that "
+                                            "leaves 3 in a row unanswered is taken out): lower it to find a hung "
+                                            "server sooner, raise it for long replies on a loaded one", gt=0)
     served_model_name: str | None = setting(None, "openai engine: the name the server serves the model under (vLLM's "
                                                   "--served-model-name); --model then names its weights, which weight "
                                                   "steps train and whose tokenizer prices replies (unset: --model "

@@ -40,8 +40,8 @@ def load_lm(model: str, *, cache: str | None = None, lora_rank: int = 16, **opti
         # The trainer copy decides its device at the first weight step: `auto` takes the GPU only where the
         # copy fits beside what the GPU holds (a server on the same GPU), else the CPU (lm/trainer_copy.py).
         engine = OpenAIEngine(model, settings.base_url, served_model_name=settings.served_model_name,
-                              concurrency=settings.concurrency, dtype=settings.dtype, device=settings.device,
-                              adapter_share=settings.adapter_share)
+                              concurrency=settings.concurrency, timeout=settings.request_timeout,
+                              dtype=settings.dtype, device=settings.device, adapter_share=settings.adapter_share)
     else:
         from .local import LocalLM
 

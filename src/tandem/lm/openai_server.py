@@ -4,8 +4,9 @@ that stops answering and brings adapters to each).
 
 vLLM, SGLang, llama.cpp's server or a hosted endpoint, through the official `openai` client: one
 chat completion per request, at most `concurrency` in flight (the servers batch them), each
-retried `max_retries` times by the client with backoff; a server that still does not answer is taken
-out and the request goes to another; one that answers with an error stops the step with its message.
+retried `max_retries` times by the client with backoff; a server that still does not answer, or answers
+that it is not serving (lm/servers.py), is taken out and the request goes to another; one that answers
+with an error stops the step with its message.
 Sampling settings, seed and stop strings go with every request.
 
 Names: `--model` names the weights (a folder, an alias or a hub id: what weight steps train and whose
@@ -41,6 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -232,8 +234,11 @@ class OpenAIEngine:
         """One request on the server the pool picks. Where that server does not answer, the request, all of it,
         is sent again, to the server the pool picks then: the same one after a timeout, another once it is
         taken out (`Pool.failed`; an adapter is on every server still in before any request asks for it).
-        A server that lost an adapter (restarted) gets it again. A request unanswered STRIKES times stops the step."""
-        key, reloaded, unanswered = prefix_key(request), set(), 0
+        A server that lost an adapter (restarted) gets it again. The step stops where a server still in (it
+        answers other requests between) leaves this request unanswered STRIKES times: the request itself is
+        the trouble (a reply longer than the timeout allows); and where it went unanswered STRIKES times per
+        server, servers coming back and going again. With no server left, the pool says so."""
+        key, reloaded, unanswered = prefix_key(request), set(), Counter()
         while True:
             with self.pool.lease(key) as server:
                 try:
@@ -252,12 +257,13 @@ class OpenAIEngine:
                     except Unavailable as exc:
                         failure = exc
                 self.pool.failed(server, failure)
-                unanswered += 1
+                unanswered[server.url] += 1
                 with self._lock:
                     self.retries += 1
-                if unanswered >= STRIKES:
-                    raise EngineError(f"a request went unanswered {unanswered} times, the last time by the server at "
-                                      f"{server.url} ({failure})") from None
+                if (server.alive and unanswered[server.url] >= STRIKES) or \
+                        unanswered.total() >= STRIKES * len(self.servers):
+                    raise EngineError(f"a request went unanswered {unanswered.total()} times, the last time by the "
+                                      f"server at {server.url} ({failure})") from None
 
     def _on(self, server: Server, request: Request) -> Completion:
         """One request on `server`; a constrained one a field at a time (PhasedReply), continuing the
@@ -300,6 +306,9 @@ class OpenAIEngine:
                 raise Unavailable.of(exc) from None
             except self.openai.NotFoundError:
                 raise
+            except self.openai.APIStatusError as exc:
+                raise Unavailable.answered(exc.status_code, exc.response.text) or \
+                    EngineError(f"the server at {server.url} failed a request: {exc}") from None
             except self.openai.APIError as exc:
                 raise EngineError(f"the server at {server.url} failed a request: {exc}") from None
             choice, usage = response.choices[0], response.usage

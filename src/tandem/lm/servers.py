@@ -7,10 +7,12 @@ prefix meet in one server's prefix cache; where the preferred server has more re
 the least busy one by more than `slack`, the least busy one takes it, so one dominant prefix (a program
 without demos) still spreads over every server.
 
-A request a server does not answer (after the client's own retries) is sent again. A server that refuses
-the connection (nothing listens: the process is gone) is taken out at once, one that leaves STRIKES
-requests in a row unanswered (timeouts, dropped connections, no answer between) then; one slow answer
-does not. A server taken out is asked every few seconds whether it answers again as at the start (the
+A request a server does not answer (after the client's own retries) is sent again: no answer at all, or one
+that says it is not serving (a gateway's 502 or 504 with nothing behind it, a 503). A server that refuses
+the connection (nothing listens: the process is gone) or whose engine died (vLLM's 500 for it, before the
+server exits) is taken out at once, one that leaves STRIKES requests in a row unanswered (timeouts, dropped
+connections, not serving, no answer between) then; one slow answer does not. Any other error answer is the
+server's word on the request and stops the step. A server taken out is asked every few seconds whether it answers again as at the start (the
 model, the same greedy reply), and put back, its adapters loaded again before requests need them. Each
 change is one warning line; with no server left, the step stops with one line naming them.
 
@@ -58,6 +60,11 @@ SERVE_HINT = "start it with `tandem serve --model WEIGHTS` (runtime LoRA on, ada
 
 
 STRIKES = 3  # failures in a row on a server, with no answer from it between, that take it out
+# Answers that say the server is not serving, whatever was asked: a gateway (a load balancer, an ingress) with no
+# server behind it or one that does not answer it, or a server that is starting, draining or overloaded.
+NOT_SERVING = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+# vLLM's answer (a 500) to the requests in flight when its engine process died; the server then shuts down.
+ENGINE_DEAD = "EngineCore encountered an issue"
 
 
 class Unavailable(Exception):
@@ -77,6 +84,17 @@ class Unavailable(Exception):
             refused = isinstance(chain, ConnectionRefusedError)
             chain = chain.__cause__ or chain.__context__
         return cls(f"{type(exc).__name__}: {exc.__cause__ or exc}", refused=refused)
+
+    @classmethod
+    def answered(cls, status: int, text: str) -> "Unavailable | None":
+        """From an HTTP answer that says the server is not serving (NOT_SERVING), or that its engine died
+        (`refused`: it takes nothing from now on, as if gone); None for any other answer, which is the
+        server's word on the request (an error in it, or in the server's code) and stops the step."""
+        if status in NOT_SERVING:
+            return cls(f"{status} {NOT_SERVING[status]}: {' '.join(text.split())[:200]}", refused=False)
+        if status == 500 and ENGINE_DEAD in text:
+            return cls(f"its engine died (500: {ENGINE_DEAD})", refused=True)
+        return None
 
 
 @dataclass(frozen=True)
@@ -120,10 +138,13 @@ class Server:
         except openai.APIConnectionError as exc:
             raise EngineError(f"cannot reach an OpenAI-compatible server at {self.url} ({exc.__cause__ or exc})") \
                 from None
-        except openai.AuthenticationError:
-            raise UsageError(f"the server at {self.url} refused the API key: set OPENAI_API_KEY to its --api-key") \
-                from None
         except openai.APIStatusError as exc:
+            if Unavailable.answered(exc.status_code, exc.response.text):
+                raise EngineError(f"the server at {self.url} is not serving: GET {self.url}/models answered "
+                                  f"{exc.status_code} {NOT_SERVING.get(exc.status_code, '')}".rstrip()) from None
+            if isinstance(exc, openai.AuthenticationError):
+                raise UsageError(f"the server at {self.url} refused the API key: set OPENAI_API_KEY to its "
+                                 "--api-key") from None
             raise UsageError(f"{self.url} is not an OpenAI-compatible server: GET {self.url}/models answered "
                              f"{exc.status_code} (give --base-url the server's /v1 address)") from None
         except (openai.APIError, ValueError, TypeError, AttributeError) as exc:
@@ -140,9 +161,13 @@ class Server:
 
         headers = {"Authorization": f"Bearer {self.client.api_key}", **kwargs.pop("headers", {})}
         try:
-            return httpx.request(method, f"{self.root}/{path}", timeout=300, headers=headers, **kwargs)
+            response = httpx.request(method, f"{self.root}/{path}", timeout=300, headers=headers, **kwargs)
         except httpx.TransportError as exc:
             raise Unavailable.of(exc) from None
+        gone = Unavailable.answered(response.status_code, response.text)
+        if gone:
+            raise gone
+        return response
 
     def has_runtime_lora(self) -> bool:
         """Whether vLLM's runtime LoRA route is there (an empty body is refused, an absent route is 404)."""
