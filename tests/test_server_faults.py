@@ -357,6 +357,30 @@ def test_a_request_that_times_out_where_others_are_answered_stops_the_step():
         engine.close()
 
 
+def test_calls_without_an_adapter_are_answered_while_a_slow_server_loads_one(tmp_path):
+    adapter = str(write_adapter(tmp_path / "adapter", b"w"))
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_load(method, path, _):
+        if path == "/v1/load_lora_adapter":
+            loading.set()
+            release.wait(10)
+
+    with FakeVLLM(hook=slow_load) as server:
+        engine = OpenAIEngine("m", server.url, max_retries=0, timeout=20)
+        tuned = threading.Thread(target=engine.generate, args=([ask("q", adapter=adapter)],))
+        tuned.start()
+        assert loading.wait(10)
+        base = threading.Thread(target=engine.generate, args=([ask("q")],))
+        base.start()
+        base.join(5)
+        answered = not base.is_alive()
+        release.set()
+        tuned.join(10)
+        assert answered and engine.usage.requests == 2
+        engine.close()
+
+
 def test_request_timeout_reaches_every_servers_client():
     with FakeVLLM() as a, FakeVLLM() as b:
         engine = load_lm("m", engine="openai", base_url=(a.url, b.url), request_timeout=7.5)

@@ -133,7 +133,10 @@ class OpenAIEngine:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tandem-openai")
         self._adapters: dict[tuple[str, float], str] = {}
         self._checked: set[tuple[str, str, int]] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the counters (usage, retries)
+        # Adapter loads: a request for an adapter waits for its load, a request without one does not (nor does
+        # the accounting of replies), however long a server takes to load or to time out.
+        self._loading = threading.Lock()
         self._trainer: TrainerCopy | None = None  # made at the first weight step
         self._tokenizer = None
         self._budgets: Budget | bool | None = None
@@ -413,7 +416,7 @@ class OpenAIEngine:
         if path is None:
             return self.name
         key = adapter_key(path)
-        with self._lock:
+        with self._loading:
             name = self._adapters.get(key) or "tandem-" + adapter_digest(key[0])[:16]
             missing = [s for s in self.pool.live() if name not in s.adapters]
             if missing and self.share:
@@ -439,7 +442,7 @@ class OpenAIEngine:
         answer meanwhile: the request then fails over as any other (`_one`)."""
         log.warning("the server at %s no longer has adapter %s (restarted?): loading it again", server.url, path)
         name = self._served_name(path)
-        with self._lock:
+        with self._loading:
             server.adapters.discard(name)
             self._load_on(server, name, Path(adapter_key(path)[0]))
 
