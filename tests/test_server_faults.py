@@ -416,6 +416,25 @@ def test_a_server_that_refuses_is_taken_out_at_once_and_put_back_when_it_answers
     again.stop(), b.stop()
 
 
+def test_with_every_server_out_requests_wait_for_one_to_come_back_then_stop():
+    a = FakeVLLM()
+    engine = OpenAIEngine("m", a.url, max_retries=0, timeout=5)
+    engine.pool.recheck = 0.1
+    first = engine.generate([ask("q")])
+    a.stop()
+    restarted = []
+    threading.Timer(1.0, lambda: restarted.append(FakeVLLM(port=a.port))).start()  # back a second later
+    assert [c.text for c in engine.generate([ask("q")])] == [c.text for c in first]
+    assert engine.servers[0].alive and restarted and restarted[0].chats == 1
+    restarted[0].stop()
+    engine.pool.grace = 0.5  # gone for good: the step stops once the grace is over
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="every server stopped answering"):
+        engine.generate([ask("another")])
+    assert 0.5 <= time.monotonic() - started < 5
+    engine.close()
+
+
 def test_a_server_that_drops_while_an_adapter_is_loaded_again_fails_over(tmp_path):
     adapter = str(write_adapter(tmp_path / "adapter", b"w"))
     restarted = threading.Event()

@@ -14,7 +14,8 @@ server exits) is taken out at once, one that leaves STRIKES requests in a row un
 connections, not serving, no answer between) then; one slow answer does not. Any other error answer is the
 server's word on the request and stops the step. A server taken out is asked every few seconds whether it answers again as at the start (the
 model, the same greedy reply), and put back, its adapters loaded again before requests need them. Each
-change is one warning line; with no server left, the step stops with one line naming them.
+change is one warning line. With no server left, requests wait GRACE seconds for one to come back (a
+server restarting, the network gone for a moment), then the step stops with one line naming them.
 
 Adapters reach a server in one of three ways, chosen per server:
 - push: a server started with `tandem serve` receives the adapter's files (`PUT /v1/tandem/adapters/NAME`,
@@ -45,6 +46,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -60,6 +62,7 @@ SERVE_HINT = "start it with `tandem serve --model WEIGHTS` (runtime LoRA on, ada
 
 
 STRIKES = 3  # failures in a row on a server, with no answer from it between, that take it out
+GRACE = 180.0  # seconds a request waits, with every server out, for one to answer again (a restart, a blip)
 # Answers that say the server is not serving, whatever was asked: a gateway (a load balancer, an ingress) with no
 # server behind it or one that does not answer it, or a server that is starting, draining or overloaded.
 NOT_SERVING = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -302,13 +305,16 @@ class Pool:
     before a request that needs it goes anywhere."""
 
     def __init__(self, servers: Sequence[Server], slack: int, back: Callable[[Server], None] | None = None,
-                 recheck: float = 5.0):
+                 recheck: float = 5.0, grace: float = GRACE):
         self.servers = list(servers)
         self.slack = slack
         self.recheck = recheck
+        self.grace = grace
         self._back = back
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)  # notified when a server is put back
         self._closed = threading.Event()
+        self._outage: float | None = None  # when the last server went out, while none is in
 
     def live(self) -> list[Server]:
         return [s for s in self.servers if s.alive]
@@ -324,7 +330,15 @@ class Pool:
 
     @contextlib.contextmanager
     def lease(self, key: bytes) -> Iterator[Server]:
+        """The server for a request, counted in flight while the request runs. With every server out and
+        rechecks running, it waits until one is back or `grace` seconds have passed since the last went out."""
         with self._lock:
+            while not self.live() and self._back is not None and self._outage is not None \
+                    and not self._closed.is_set():
+                left = self._outage + self.grace - time.monotonic()
+                if left <= 0:
+                    break
+                self._returned.wait(min(left, self.recheck))
             server = self.pick(key)
             server.inflight += 1
         try:
@@ -353,9 +367,12 @@ class Pool:
                 return
             server.alive = False
             rest = self.live()
+            if not rest:
+                self._outage = time.monotonic()
+        waits = f"requests wait up to {self.grace:.0f} s for one to answer again" if self._back else "the step stops"
         log.warning("the server at %s stopped answering (%s): taken out%s; %s", server.url, why,
                     " until it answers again" if self._back else " of this run",
-                    f"its requests go to {', '.join(s.url for s in rest)}" if rest else "no server is left")
+                    f"its requests go to {', '.join(s.url for s in rest)}" if rest else f"no server is left: {waits}")
         if self._back is not None:
             threading.Thread(target=self._watch, args=(server,), daemon=True, name="tandem-recheck").start()
 
@@ -375,9 +392,13 @@ class Pool:
                 server.adapters.clear()  # it may have restarted without them
                 server.failures = 0
                 server.alive = True
+                self._outage = None
+                self._returned.notify_all()
             log.warning("the server at %s answers again: back in", server.url)
             return
 
     def close(self) -> None:
-        """No more rechecks."""
+        """No more rechecks, nor waits for them."""
         self._closed.set()
+        with self._lock:
+            self._returned.notify_all()
