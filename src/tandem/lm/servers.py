@@ -8,14 +8,15 @@ the least busy one by more than `slack`, the least busy one takes it, so one dom
 without demos) still spreads over every server.
 
 A request a server does not answer (after the client's own retries) is sent again: no answer at all, or one
-that says it is not serving (a gateway's 502 or 504 with nothing behind it, a 503). A server that refuses
-the connection (nothing listens: the process is gone) or whose engine died (vLLM's 500 for it, before the
-server exits) is taken out at once, one that leaves STRIKES requests in a row unanswered (timeouts, dropped
+that says it is not serving (a gateway's 502 or 504 with nothing behind it, a 503). A server that refuses the
+connection (nothing listens: the process is gone) or whose engine died (vLLM's 500 for it, before the server
+exits) is taken out at once, one that leaves STRIKES requests in a row unanswered (timeouts, dropped
 connections, not serving, no answer between) then; one slow answer does not. Any other error answer is the
-server's word on the request and stops the step. A server taken out is asked every few seconds whether it answers again as at the start (the
-model, the same greedy reply), and put back, its adapters loaded again before requests need them. Each
-change is one warning line. With no server left, requests wait GRACE seconds for one to come back (a
-server restarting, the network gone for a moment), then the step stops with one line naming them.
+server's word on the request and stops the step. A server taken out is asked every few seconds whether it
+answers again as at the start (the model, the same greedy reply), and put back, its adapters loaded again
+before requests need them. Each change is one warning line. With no server left, requests wait GRACE seconds
+for one to come back (a server restarting, the network gone for a moment), then the step stops with one line
+naming them.
 
 Adapters reach a server in one of three ways, chosen per server:
 - push: a server started with `tandem serve` receives the adapter's files (`PUT /v1/tandem/adapters/NAME`,
